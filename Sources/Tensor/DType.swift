@@ -1,0 +1,17 @@
+/// Element types a tensor can be stored in. Compute is always fp32: fp16/bf16 exist so frozen weights
+/// can stay in their file's precision (or be memory-mapped) and be widened one operation at a time.
+public enum DType: String, Sendable, CaseIterable {
+    case f32, f16, bf16
+
+    public var byteSize: Int { self == .f32 ? 4 : 2 }
+}
+
+/// bf16 <-> fp32 conversion (round to nearest even; NaN stays NaN).
+@inline(__always) func bf16Bits(_ x: Float) -> UInt16 {
+    let bits = x.bitPattern
+    if x.isNaN { return UInt16(truncatingIfNeeded: (bits >> 16) | 0x40) }
+    let rounding = ((bits >> 16) & 1) &+ 0x7FFF
+    return UInt16(truncatingIfNeeded: (bits &+ rounding) >> 16)
+}
+
+@inline(__always) func floatFromBF16(_ b: UInt16) -> Float { Float(bitPattern: UInt32(b) << 16) }

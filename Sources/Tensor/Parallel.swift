@@ -1,0 +1,35 @@
+import Foundation
+
+/// How many threads one process uses. Under `mpirun` several ranks share a node, so this is set per
+/// rank (cores on the node / ranks on the node) rather than taken from the machine.
+/// GEMM runs on OpenBLAS's threads; every other kernel on `parallelFor`'s. They never run at the same
+/// time: a kernel calls GEMM from one thread only, outside any `parallelFor`.
+public enum Threads {
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var current = ProcessInfo.processInfo.activeProcessorCount
+
+    public static var count: Int {
+        lock.lock(); defer { lock.unlock() }
+        return current
+    }
+
+    /// Sets the engine's threads and OpenBLAS's to `n` (at least 1).
+    public static func set(_ n: Int) {
+        let n = max(1, n)
+        lock.lock(); current = n; lock.unlock()
+        BLAS.setThreads(n)
+    }
+}
+
+/// Runs `body` over `0..<n` split into at most `Threads.count` contiguous chunks (no chunk smaller than
+/// `grain` items). Runs inline when there is one chunk.
+@inline(__always)
+func parallelFor(_ n: Int, grain: Int = 1, _ body: (Range<Int>) -> Void) {
+    if n <= 0 { return }
+    let chunks = min(Threads.count, max(1, n / max(grain, 1)))
+    if chunks <= 1 { body(0..<n); return }
+    DispatchQueue.concurrentPerform(iterations: chunks) { c in
+        let lo = n * c / chunks, hi = n * (c + 1) / chunks
+        if lo < hi { body(lo..<hi) }
+    }
+}
