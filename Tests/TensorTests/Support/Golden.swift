@@ -52,3 +52,20 @@ func assertClose(_ actual: Tensor, _ expected: Tensor, atol: Float, rtol: Float,
                   "\(what): element \(worst) is \(a.isEmpty ? 0 : a[worst]), expected \(e.isEmpty ? 0 : e[worst]) (atol \(atol), rtol \(rtol))",
                   file: file, line: line)
 }
+
+extension Golden {
+    /// Runs `f` on the fixture's inputs `names` (each a parameter when the fixture has its gradient),
+    /// compares the output, then backpropagates the fixture's grad_output and compares every gradient.
+    func check(_ names: [String], atol: Float, rtol: Float, gradAtol: Float? = nil, gradRtol: Float? = nil,
+               file: StaticString = #filePath, line: UInt = #line, _ f: (Tape, [Var]) throws -> Var) throws {
+        let tape = Tape()
+        let vars = try names.map { Var(try input($0), requiresGrad: has("grad.\($0)")) }
+        let out = try f(tape, vars)
+        assertClose(out.value, try output(), atol: atol, rtol: rtol, "\(name) output", file: file, line: line)
+        let grads = tape.backward(from: out, seed: try gradOutput())
+        for (k, v) in zip(names, vars) where v.requiresGrad {
+            guard let g = grads[v] else { XCTFail("\(name): no gradient for \(k)", file: file, line: line); continue }
+            assertClose(g, try grad(k), atol: gradAtol ?? atol, rtol: gradRtol ?? rtol, "\(name) d\(k)", file: file, line: line)
+        }
+    }
+}
