@@ -19,10 +19,9 @@ let package = Package(
     targets: [
         // Thin C shims: each is imported by exactly one Swift file.
         .target(name: "CBLAS", path: "Sources/CBLAS"),
-        .target(
-            name: "CMPI", path: "Sources/CMPI",
-            cSettings: [.unsafeFlags(["-I/usr/lib/x86_64-linux-gnu/openmpi/include"])],
-            linkerSettings: [.linkedLibrary("mpi")]),
+        .systemLibrary(
+            name: "CMPI", path: "Sources/CMPI", pkgConfig: "ompi-c",
+            providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
         .target(name: "CZstd", path: "Sources/CZstd", linkerSettings: [.linkedLibrary("zstd")]),
 
         .target(name: "Tensor", dependencies: ["CBLAS"], path: "Sources/Tensor", swiftSettings: kernelFlags),
