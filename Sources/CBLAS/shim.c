@@ -23,7 +23,7 @@ static corename_fn p_corename;
 
 int lora_blas_load(const char *coretype, char *error, int errorLength) {
     if (p_sgemm) return 0;
-    if (coretype && !getenv("OPENBLAS_CORETYPE")) setenv("OPENBLAS_CORETYPE", coretype, 1);
+    if (coretype) setenv("OPENBLAS_CORETYPE", coretype, 1);
     static const char *names[] = {"libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"};
     void *lib = NULL;
     for (unsigned i = 0; i < sizeof(names) / sizeof(names[0]) && !lib; i++)

@@ -18,12 +18,19 @@ struct EngineOptions: ParsableArguments {
         valueName: "n"))
     var threads: Int?
 
+    @Option(help: ArgumentHelp(
+        "OpenBLAS kernel family (e.g. SkylakeX, Haswell), or 'inherit' to keep OPENBLAS_CORETYPE. Default: the fastest this CPU supports.",
+        valueName: "name"))
+    var blasCore: String?
+
     func validate() throws {
         if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1 (got \(t))") }
     }
 
     /// Sets the thread count and loads OpenBLAS on its fastest kernel (see BLAS.chooseCore).
     func apply() {
+        // Must happen before OpenBLAS is loaded (Threads.set loads it).
+        if let core = blasCore { setenv(BLAS.overrideVariable, core, 1) }
         Threads.set(threads ?? EngineOptions.defaultThreads())
     }
 
@@ -45,8 +52,12 @@ struct Info: ParsableCommand {
     func run() throws {
         engine.apply()
         let env = ProcessInfo.processInfo.environment
-        let override = env["OPENBLAS_CORETYPE"].map { " (OPENBLAS_CORETYPE=\($0))" } ?? ""
-        print("OpenBLAS kernel:  \(BLAS.coreName)\(override); lora-dist's choice for this CPU: \(BLAS.chooseCore() ?? "OpenBLAS default")")
+        let requested = BLAS.requestedCore()
+        var how = env[BLAS.overrideVariable].map { "\(BLAS.overrideVariable)=\($0)" } ?? "chosen for this CPU"
+        if let inherited = BLAS.inheritedCoreType, requested != nil, inherited != requested {
+            how += "; replaced OPENBLAS_CORETYPE=\(inherited) from the environment"
+        }
+        print("OpenBLAS kernel:  \(BLAS.coreName) (\(how))")
         print("threads:          \(Threads.count) engine, \(BLAS.threads) OpenBLAS")
         print("cores:            \(ProcessInfo.processInfo.activeProcessorCount)")
         print("zstd:             \(Zstd.version)")

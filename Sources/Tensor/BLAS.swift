@@ -5,9 +5,15 @@ import Foundation
 ///
 /// Debian's OpenBLAS (0.3.21) runs its "Haswell" kernels on AVX-512 CPUs it does not know (Zen 4/5),
 /// at about half the speed of its "SkylakeX" kernels. OpenBLAS reads OPENBLAS_CORETYPE once, when the
-/// library loads; so the library is not linked but dlopen'ed on first use, after `chooseCore` has set
-/// the variable. A user's own OPENBLAS_CORETYPE always wins (that is the override).
+/// library loads; so the library is not linked but dlopen'ed on first use, after the engine has set the
+/// variable. Machines often carry a stale OPENBLAS_CORETYPE in their global environment (this project's
+/// own build machines export `Haswell`), so an inherited value is replaced, not trusted. The override is
+/// lora-dist's own: LORA_DIST_BLAS_CORE=<OpenBLAS core name> (or `--blas-core`), or
+/// LORA_DIST_BLAS_CORE=inherit to leave OPENBLAS_CORETYPE and OpenBLAS's own detection alone.
 public enum BLAS {
+    /// The environment variable that overrides the engine's choice.
+    public static let overrideVariable = "LORA_DIST_BLAS_CORE"
+
     /// The kernel family lora-dist picks for this CPU, or nil to leave OpenBLAS's own choice.
     public static func chooseCore() -> String? {
         if lora_cpu_has_avx512_skx() != 0 { return "SkylakeX" }
@@ -15,10 +21,25 @@ public enum BLAS {
         return nil
     }
 
-    private static let loaded: Void = {
+    /// What the engine asks OpenBLAS for: the override if set, else `chooseCore()`; nil = don't touch
+    /// OPENBLAS_CORETYPE.
+    public static func requestedCore() -> String? {
+        switch ProcessInfo.processInfo.environment[overrideVariable] {
+        case nil, "", "auto": return chooseCore()
+        case "inherit": return nil
+        case let name?: return name
+        }
+    }
+
+    /// OPENBLAS_CORETYPE as the process inherited it (before the engine replaced it).
+    public static var inheritedCoreType: String? { loaded }
+
+    /// Loads the library once; its value is the OPENBLAS_CORETYPE inherited before the load.
+    private static let loaded: String? = {
+        let inherited = ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"]
         var message = [CChar](repeating: 0, count: 512)
         let rc = message.withUnsafeMutableBufferPointer { buf in
-            lora_blas_load(chooseCore(), buf.baseAddress, Int32(buf.count))
+            lora_blas_load(requestedCore(), buf.baseAddress, Int32(buf.count))
         }
         if rc != 0 {
             let text = message.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
@@ -28,6 +49,7 @@ public enum BLAS {
                 """)
         }
         lora_blas_set_threads(Int32(Threads.count))
+        return inherited
     }()
 
     /// Loads OpenBLAS if it is not loaded yet.

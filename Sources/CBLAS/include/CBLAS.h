@@ -4,7 +4,7 @@
 #ifndef LORA_CBLAS_H
 #define LORA_CBLAS_H
 
-/// Loads libopenblas. If `coretype` is non-NULL and OPENBLAS_CORETYPE is unset, sets it first.
+/// Loads libopenblas. If `coretype` is non-NULL, OPENBLAS_CORETYPE is set to it first (replacing any value).
 /// Returns 0 on success, -1 if the library cannot be loaded, -2 if a symbol is missing.
 /// `error` receives dlerror()'s text (truncated to `errorLength`).
 int lora_blas_load(const char *coretype, char *error, int errorLength);
