@@ -44,6 +44,7 @@ let package = Package(
 
         .testTarget(
             name: "TensorTests", dependencies: ["Tensor", "SafeTensors"], path: "Tests/TensorTests"),
+        .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"], path: "Tests/SafeTensorsTests"),
         .testTarget(name: "DistributedTests", dependencies: ["Distributed"], path: "Tests/DistributedTests"),
     ],
     swiftLanguageModes: [.v5]
