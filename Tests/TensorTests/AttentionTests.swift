@@ -143,6 +143,11 @@ final class AttentionTests: XCTestCase {
         checkAgainstNaive(b: 2, nq: 290, nk: 530, heads: 2, d: 8, causal: false, "cross 290×530")
     }
 
+    /// Fewer keys than queries (text cross-attention): the query-block backward with per-worker dK, dV.
+    func testFewKeysMatchesMaterialisedReference() {
+        checkAgainstNaive(b: 2, nq: 300, nk: 77, heads: 2, d: 8, causal: false, "cross 300×77")
+    }
+
     /// Causal masks on diagonal tiles whose query and key tile boundaries differ (128 vs 256 rows).
     func testCausalTiledMatchesMaterialisedReference() {
         checkAgainstNaive(b: 1, nq: 300, nk: 300, heads: 3, d: 5, causal: true, "causal 300")

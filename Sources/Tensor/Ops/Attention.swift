@@ -105,16 +105,18 @@ public enum Attention {
 
         let ctx = BackwardContext(g: g, q: q.pointer, k: k.pointer, v: v.pointer, dO: pdo,
                                   lse: lse.pointer, delta: delta.pointer)
-        let dQ = wantQ ? Tensor(zeros: q.shape) : nil
-        let dK = wantK ? Tensor(uninitialized: k.shape) : nil
-        let dV = wantV ? Tensor(uninitialized: v.shape) : nil
-
-        if !wantK && !wantV {
-            // Query-block tasks: each owns its rows of dQ, so they accumulate in place.
-            let dq = dQ!.mutablePointer
+        if !(wantK || wantV) || g.nk < g.nq {
+            // Query-block tasks: each owns its rows of dQ, so dQ accumulates in place. dK and dV rows are
+            // shared between query blocks, so each worker accumulates them in its own [B, Nk, H·D]
+            // buffers: the small side when keys are fewer than queries (cross-attention to 77 tokens).
+            let dQ = wantQ ? Tensor(zeros: q.shape) : nil
+            let dK = wantK ? PerWorker(Tensor(zeros: k.shape)) : nil
+            let dV = wantV ? PerWorker(Tensor(zeros: v.shape)) : nil
+            let dq = dQ?.mutablePointer
             let nqb = (nq + qBlock - 1) / qBlock
             withOneThreadedBLAS {
                 runTiles(g.batch * heads * nqb) { next in
+                    let dk = dK?.claim(), dv = dV?.claim()
                     let work = TileBuffers(d: d)
                     defer { work.free() }
                     while let t = next() {
@@ -123,33 +125,28 @@ public enum Attention {
                         let kEnd = g.causal ? min(g.nk, i0 + rows) : g.nk
                         var j0 = 0
                         while j0 < kEnd {
+                            let kOff = g.kOffset(b, h, j0)
                             ctx.tile(b: b, h: h, i0: i0, rows: rows, j0: j0, cols: min(kBlock, kEnd - j0), work: work,
-                                     dK: nil, dV: nil, dQ: dq + g.qOffset(b, h, i0))
+                                     dK: dk.map { $0 + kOff }, dV: dv.map { $0 + kOff }, ldKV: hd,
+                                     dQ: dq.map { $0 + g.qOffset(b, h, i0) })
                             j0 += kBlock
                         }
                     }
                 }
             }
-            return (dQ, nil, nil)
+            return (dQ, dK?.sum(), dV?.sum())
         }
 
         // Key-block tasks: each owns its rows of dK and dV (accumulated in the tile buffers). dQ rows are
-        // shared between key blocks, so each thread accumulates dQ in its own [B, Nq, H·D] buffer.
+        // shared between key blocks, so each worker accumulates dQ in its own [B, Nq, H·D] buffer.
+        let dQ = wantQ ? PerWorker(Tensor(zeros: q.shape)) : nil
+        let dK = wantK ? Tensor(uninitialized: k.shape) : nil
+        let dV = wantV ? Tensor(uninitialized: v.shape) : nil
         let nkb = (g.nk + kBlock - 1) / kBlock
-        let lock = NSLock()
-        var dQClaimed = false
-        var dQPrivate: [Tensor] = []
         let pdk = dK?.mutablePointer, pdv = dV?.mutablePointer
         withOneThreadedBLAS {
             runTiles(g.batch * heads * nkb) { next in
-                var dq: UnsafeMutablePointer<Float>? = nil
-                if let dQ = dQ {
-                    lock.lock()
-                    if !dQClaimed { dQClaimed = true; dq = dQ.mutablePointer } else {
-                        let own = Tensor(zeros: q.shape); dQPrivate.append(own); dq = own.mutablePointer
-                    }
-                    lock.unlock()
-                }
+                let dq = dQ?.claim()
                 let work = TileBuffers(d: d)
                 defer { work.free() }
                 while let t = next() {
@@ -162,7 +159,7 @@ public enum Attention {
                     while i0 < nq {
                         let rows = min(qBlock, nq - i0)
                         ctx.tile(b: b, h: h, i0: i0, rows: rows, j0: j0, cols: cols, work: work,
-                                 dK: wantK ? work.dK : nil, dV: wantV ? work.dV : nil,
+                                 dK: wantK ? work.dK : nil, dV: wantV ? work.dV : nil, ldKV: d,
                                  dQ: dq.map { $0 + g.qOffset(b, h, i0) })
                         i0 += qBlock
                     }
@@ -174,14 +171,7 @@ public enum Attention {
                 }
             }
         }
-        if let dQ = dQ, !dQPrivate.isEmpty {
-            let dst = dQ.mutablePointer, n = dQ.count
-            let parts = dQPrivate.map { $0.pointer }
-            parallelFor(n, grain: 1 << 15) { r in
-                for p in parts { for i in r { dst[i] += p[i] } }
-            }
-        }
-        return (dQ, dK, dV)
+        return (dQ?.sum(), dK, dV)
     }
 
     /// Runs `worker` once on each of the engine's threads (at most n); workers take tasks 0..<n from
@@ -197,6 +187,35 @@ public enum Attention {
             return taken - 1
         }
         parallelFor(min(n, Threads.count)) { _ in worker(next) }
+    }
+
+    /// A gradient that several workers accumulate into: the first worker to claim it writes into the
+    /// result itself, each later one into a zeroed copy that `sum` adds in at the end.
+    final class PerWorker {
+        let result: Tensor
+        private var copies: [Tensor] = []
+        private var claimed = false
+        private let lock = NSLock()
+
+        init(_ zeros: Tensor) { result = zeros }
+
+        func claim() -> UnsafeMutablePointer<Float> {
+            lock.lock(); defer { lock.unlock() }
+            if !claimed { claimed = true; return result.mutablePointer }
+            let own = Tensor(zeros: result.shape)
+            copies.append(own)
+            return own.mutablePointer
+        }
+
+        func sum() -> Tensor {
+            if copies.isEmpty { return result }
+            let dst = result.mutablePointer, parts = copies.map { $0.pointer }
+            parallelFor(result.count, grain: 1 << 15) { r in
+                for p in parts { for i in r { dst[i] += p[i] } }
+            }
+            copies = []
+            return result
+        }
     }
 
     /// Runs `body` with OpenBLAS on one thread, so sgemm may be called from inside `parallelFor`.
@@ -255,10 +274,11 @@ public enum Attention {
         let q, k, v, dO, lse, delta: UnsafePointer<Float>
 
         /// The backward contributions of queries i0..<i0+rows × keys j0..<j0+cols of head h:
-        /// dK, dV ([cols, D], ld D) and dQ (rows of [.., H·D]) are accumulated where given.
+        /// dK, dV ([cols, D] with row stride ldKV) and dQ (rows of [.., H·D]) are accumulated where given.
         @inline(__always)
         func tile(b: Int, h: Int, i0: Int, rows: Int, j0: Int, cols: Int, work: TileBuffers,
-                  dK: UnsafeMutablePointer<Float>?, dV: UnsafeMutablePointer<Float>?, dQ: UnsafeMutablePointer<Float>?) {
+                  dK: UnsafeMutablePointer<Float>?, dV: UnsafeMutablePointer<Float>?, ldKV: Int,
+                  dQ: UnsafeMutablePointer<Float>?) {
             let d = g.d, hd = g.hd, kb = kBlock
             let qi = q + g.qOffset(b, h, i0), doi = dO + g.qOffset(b, h, i0)
             let kj = k + g.kOffset(b, h, j0), vj = v + g.kOffset(b, h, j0)
@@ -276,7 +296,7 @@ public enum Attention {
             }
             if let dV = dV {
                 BLAS.sgemm(transA: true, transB: false, m: cols, n: d, k: rows,
-                           a: p, lda: kb, b: doi, ldb: hd, beta: 1, c: dV, ldc: d)
+                           a: p, lda: kb, b: doi, ldb: hd, beta: 1, c: dV, ldc: ldKV)
             }
             guard dK != nil || dQ != nil else { return }
             // dP = dO·Vᵀ, then dS = P ∘ (dP − D) in place
@@ -285,7 +305,7 @@ public enum Attention {
             for r in 0..<rows { ExpMath.softmaxGradRow(p + r * kb, ds + r * kb, cols, drow[r]) }
             if let dK = dK {
                 BLAS.sgemm(transA: true, transB: false, m: cols, n: d, k: rows, alpha: g.scale,
-                           a: ds, lda: kb, b: qi, ldb: hd, beta: 1, c: dK, ldc: d)
+                           a: ds, lda: kb, b: qi, ldb: hd, beta: 1, c: dK, ldc: ldKV)
             }
             if let dQ = dQ {
                 BLAS.sgemm(transA: false, transB: false, m: rows, n: d, k: cols, alpha: g.scale,
