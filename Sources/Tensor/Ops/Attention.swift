@@ -1,10 +1,12 @@
 /// Scaled dot-product attention, tiled with an online softmax (FlashAttention-2), so the
 /// [heads, Nq, Nk] score matrix never exists: SDXL at 1024² would need 670 MB of it per layer.
-/// Work memory is a few tiles per thread, independent of N.
+/// Work memory is a few tiles per thread, plus in backward one per-thread copy of the gradient that
+/// tiles share (dQ, or dK and dV when keys are fewer): O(N·H·D), never O(N²).
 ///
-/// Independent tiles run on the engine's threads (`parallelFor`); each tile's products are single-threaded sgemm calls on
-/// strided views of the [B, N, H·D] tensors (no permute copies). OpenBLAS is set to one thread for
-/// the duration, so the engine's threads and OpenBLAS's never run at once.
+/// Independent tiles run on the engine's threads (`parallelFor`); each tile's products are
+/// single-threaded sgemm calls on strided views of the [B, N, H·D] tensors (no permute copies).
+/// OpenBLAS is set to one thread for the duration, so the engine's threads and OpenBLAS's never run
+/// at once.
 import Foundation
 
 public enum Attention {
