@@ -246,7 +246,8 @@ final class NormActivationTests: XCTestCase {
     }
 
     func testLayerNormAtLargeSizeMatchesDoubleReference() {
-        let rows = 67, c = 1000, eps: Float = 1e-5
+        // 4500 > 4096: each row's statistics merge two blocks.
+        let rows = 13, c = 4500, eps: Float = 1e-5
         let x = Tensor(randomNormal: [rows, c], std: 2, seed: 51)
         let xs = x.scalars.map { $0 - 30 }
         let xo = Tensor(shape: x.shape, xs)

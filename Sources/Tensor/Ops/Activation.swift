@@ -119,7 +119,7 @@ public enum Activation {
     // MARK: - loops
 
     static func siluForward(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
-        for i in 0..<n { let v = x[i]; y[i] = v * sigmoid(v) }
+        for i in 0..<n { let v = x[i]; y[i] = v / (1 + exp(-v)) }
     }
 
     static func siluBackward(_ x: UnsafePointer<Float>, _ g: UnsafePointer<Float>, _ d: UnsafeMutablePointer<Float>, _ n: Int) {
@@ -130,7 +130,7 @@ public enum Activation {
     }
 
     static func quickGELUForward(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
-        for i in 0..<n { let v = x[i]; y[i] = v * sigmoid(1.702 * v) }
+        for i in 0..<n { let v = x[i]; y[i] = v / (1 + exp(-1.702 * v)) }
     }
 
     static func quickGELUBackward(_ x: UnsafePointer<Float>, _ g: UnsafePointer<Float>, _ d: UnsafeMutablePointer<Float>, _ n: Int) {

@@ -1,8 +1,8 @@
 /// Group norm and layer norm, forward and backward.
 ///
-/// Statistics are two-pass (mean, then Σ(x − mean)²) so that inputs whose mean is far larger than their
-/// spread (activations after a bias) keep their variance; each pass sums in SIMD fp32 lanes over blocks
-/// of 4096 elements and adds the blocks in Double. Backward sums Σ dy·(x − mean) rather than Σ dy·x for
+/// Statistics are two-pass (mean, then Σ(x − mean)²) over each 4096-element block, blocks merged in
+/// Double, so that inputs whose mean is far larger than their spread (activations after a bias) keep
+/// their variance; within a block the sums run in SIMD fp32 lanes. Backward sums Σ dy·(x − mean) rather than Σ dy·x for
 /// the same reason.
 
 public enum GroupNorm {
@@ -23,8 +23,7 @@ public enum GroupNorm {
             for i in r {
                 let g = i % groups
                 let gx = px + i * d, gy = py + i * d
-                let m = NormKernels.sum(gx, d) / Double(max(d, 1))
-                let v = NormKernels.sumSquaredDeviations(gx, d, Float(m)) / Double(max(d, 1))
+                let (m, v) = NormKernels.moments(gx, d)
                 let rs = Float(1 / (v + Double(eps)).squareRoot())
                 let mf = Float(m)
                 pm[i] = mf; pr[i] = rs
@@ -132,8 +131,7 @@ public enum LayerNorm {   // normalises over the last dimension; weight, bias [C
         parallelFor(rows, grain: max(1, 8192 / max(c, 1))) { r in
             for i in r {
                 let rx = px + i * c, ry = py + i * c
-                let m = NormKernels.sum(rx, c) / Double(max(c, 1))
-                let v = NormKernels.sumSquaredDeviations(rx, c, Float(m)) / Double(max(c, 1))
+                let (m, v) = NormKernels.moments(rx, c)
                 let rs = Float(1 / (v + Double(eps)).squareRoot()), mf = Float(m)
                 pm[i] = mf; pr[i] = rs
                 switch (pw, pb) {
@@ -167,8 +165,13 @@ public enum LayerNorm {   // normalises over the last dimension; weight, bias [C
             for i in r {
                 let rx = px + i * c, rg = pg + i * c
                 let m = pm[i], rs = pr[i]
-                if wantWeight { for j in 0..<c { accW[j] += rg[j] * ((rx[j] - m) * rs) } }
-                if wantBias { for j in 0..<c { accB[j] += rg[j] } }
+                if wantWeight && wantBias {
+                    for j in 0..<c { let gj = rg[j]; accW[j] += gj * ((rx[j] - m) * rs); accB[j] += gj }
+                } else if wantWeight {
+                    for j in 0..<c { accW[j] += rg[j] * ((rx[j] - m) * rs) }
+                } else if wantBias {
+                    for j in 0..<c { accB[j] += rg[j] }
+                }
                 guard let pd else { continue }
                 // dx = rs·(γdy − mean(γdy) − x̂·mean(γdy·x̂)),  x̂ = (x − m)·rs
                 let (sgx, sg): (Double, Double)
@@ -211,6 +214,27 @@ enum NormKernels {
     @inline(__always)
     static func load(_ p: UnsafePointer<Float>, _ i: Int) -> V {
         UnsafeRawPointer(p + i).loadUnaligned(as: V.self)
+    }
+
+    /// Mean and (biased) variance of p[0..<n]: two passes over each L1-sized block (its sum, then
+    /// Σ(x − block mean)²), blocks merged in Double with Chan et al.'s pairwise update, so memory is
+    /// read once and a large common offset never cancels.
+    static func moments(_ p: UnsafePointer<Float>, _ n: Int) -> (mean: Double, variance: Double) {
+        var count = 0.0, mean = 0.0, m2 = 0.0, i = 0
+        while i < n {
+            let len = min(block, n - i), nb = Double(len)
+            let bm = sum(p + i, len) / nb
+            let f = Float(bm)
+            // Σ(x − f)² = Σ(x − bm)² + len·(bm − f)²
+            let d0 = bm - Double(f)
+            let bq = max(0, sumSquaredDeviations(p + i, len, f) - nb * d0 * d0)
+            let delta = bm - mean, total = count + nb
+            mean += delta * nb / total
+            m2 += bq + delta * delta * count * nb / total
+            count = total
+            i += len
+        }
+        return (mean, count > 0 ? m2 / count : 0)
     }
 
     /// Σ p[0..<n], fp32 lanes within blocks, Double across blocks.
