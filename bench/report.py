@@ -3,9 +3,11 @@
 
     python3 bench/report.py [--rounds 3] [--reps 3] [--min-time 0.3] [--threads 2] [--groups gemm,conv,attn,norm]
 
-The rows (the single list both programs are given) are defined here. Each round runs every group once
-on each side, alternating which side goes first, so machine noise lands on both; a row's figure is
-the median of all its samples over all rounds. Raw JSON lines go to bench/out/raw.jsonl.
+The rows (the single list both programs are given) are defined here. Both programs run as long-lived
+workers (--serve), one for PyTorch, one for the engine and one per OpenBLAS kernel family; each round
+runs every row on both sides back to back, alternating which side goes first, so machine noise lands
+on both. A row's figure is the median of all its samples over all rounds. Attention peak memory is
+measured in fresh one-shot processes. Raw JSON lines go to bench/out/raw.jsonl.
 """
 import argparse
 import ctypes
@@ -102,23 +104,92 @@ def attn_flops(a):
     return 12 * b * nq * nk * c
 
 
-def group_rows(group):
-    """(lora-dist specs, torch specs) for a group."""
+def schedule(group, rnd):
+    """The group's items, each (lora-dist commands, torch commands) with a command = (worker, spec):
+    the two sides of an item run back to back, so noise hits both."""
+    items = []
     if group == "gemm":
-        return [linear_spec(m, k, n) for m, k, n, _ in GEMMS] + [sgemm_linear_spec(m, k, n) for m, k, n, _ in GEMMS], \
-               [linear_spec(m, k, n) for m, k, n, _ in GEMMS]
-    if group == "conv":
-        ours = []
+        ks = KERNELS[rnd % len(KERNELS):] + KERNELS[:rnd % len(KERNELS)]
+        for m, k, n, _ in GEMMS:
+            ours = [("lora-dist", linear_spec(m, k, n)), ("lora-dist", sgemm_linear_spec(m, k, n))]
+            ours += [(f"lora-dist[{kern}]", sgemm_linear_spec(m, k, n)) for kern in ks]
+            items.append((ours, [("torch", linear_spec(m, k, n))]))
+    elif group == "conv":
         for c in CONVS:
-            ours += [spec("conv_fwd", *c), spec("conv_dx", *c), conv_gemm_spec(c, False), conv_gemm_spec(c, True)]
-        return ours, [spec(k, *c) for c in CONVS for k in ("conv_fwd", "conv_dx")]
-    if group == "attn":
-        s = [spec("attn", *a) for a in ATTNS]
-        return s, s
-    if group == "norm":
-        s = [spec("gn", *g) for g in GNS] + [spec("geglu", *g) for g in GEGLUS]
-        return s, s
-    raise SystemExit(f"unknown group {group}")
+            for kind, dx in (("conv_fwd", False), ("conv_dx", True)):
+                items.append(([("lora-dist", spec(kind, *c)), ("lora-dist", conv_gemm_spec(c, dx))],
+                              [("torch", spec(kind, *c))]))
+    elif group == "attn":
+        items = [([("lora-dist", spec("attn", *a))], [("torch", spec("attn", *a))]) for a in ATTNS]
+    elif group == "norm":
+        specs = [spec("gn", *g) for g in GNS] + [spec("geglu", *g) for g in GEGLUS]
+        items = [([("lora-dist", sp)], [("torch", sp)]) for sp in specs]
+    else:
+        raise SystemExit(f"unknown group {group}")
+    return items
+
+
+class Worker:
+    """A long-lived lora-dist-bench or torch_bench.py in --serve mode: rows keep their tensors between
+    rounds, and the driver alternates the sides row by row."""
+
+    def __init__(self, label, runner):
+        self.label, self.runner, self.proc = label, runner, None
+        self.failed = set()
+
+    def start(self):
+        a = self.runner.args
+        if self.label == "torch":
+            cmd = [sys.executable, TORCH_BENCH]
+        else:
+            cmd = [SWIFT_BIN]
+        cmd += ["--serve", "--threads", str(a.threads)]
+        env = dict(os.environ)
+        env.pop(OVERRIDE, None)
+        if "[" in self.label:
+            env[OVERRIDE] = self.label.split("[")[1].rstrip("]")
+        self.err = open(os.path.join(OUT_DIR, f"{self.label}.stderr"), "a")
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, bufsize=1)
+        first = self.proc.stdout.readline()
+        self.runner.record(self.label, first)
+
+    def measure(self, row):
+        if row in self.failed:
+            return
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        a = self.runner.args
+        try:
+            self.proc.stdin.write(f"{row} {a.reps} {a.min_time}\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self.proc.wait()
+            self.err.flush()
+            tail = ""
+            try:
+                with open(self.err.name) as f:
+                    tail = (f.read().strip().splitlines() or [""])[-1]
+            except OSError:
+                pass
+            self.runner.errors.append(f"{self.label} `{row}`: exit {self.proc.returncode}: {tail}")
+            print(f"    FAILED {self.label} {row}: {tail}", flush=True)
+            self.failed.add(row)
+            self.proc = None
+            return
+        self.runner.record(self.label, line)
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            self.proc.wait(timeout=30)
 
 
 class Runner:
@@ -155,19 +226,22 @@ class Runner:
             self.errors.append(f"{label} rows {rows[0]}…: exit {p.returncode}: {msg}")
             print(f"    FAILED: {msg}", flush=True)
         for line in p.stdout.splitlines():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            obj["kernel_env"] = (env_extra or {}).get(OVERRIDE, "")
-            self.raw.write(json.dumps(obj) + "\n")
-            key_side = label
-            if "info" in obj:
-                self.info[key_side] = obj["info"]
-            elif "samples" in obj:
-                self.samples.setdefault((key_side, obj["row"]), []).extend(obj["samples"])
-            elif "peak_mb" in obj:
-                self.peaks.setdefault((key_side, obj["row"]), []).append(obj["peak_mb"])
+            self.record(label, line)
+
+    def record(self, label, line):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        obj["worker"] = label
+        obj["t"] = round(time.time(), 2)
+        self.raw.write(json.dumps(obj) + "\n")
+        if "info" in obj:
+            self.info[label] = obj["info"]
+        elif "samples" in obj:
+            self.samples.setdefault((label, obj["row"]), []).extend(obj["samples"])
+        elif "peak_mb" in obj:
+            self.peaks.setdefault((label, obj["row"]), []).append(obj["peak_mb"])
 
     def median(self, side, row):
         s = self.samples.get((side, row))
@@ -232,8 +306,8 @@ def write_results(runner, path, started, load_before, load_after, wall):
     L.append("# lora-dist engine benchmark\n")
     L.append("Generated by `bench/run.sh` (bench/report.py); what each row measures: bench/README.md.\n")
     L.append(machine_line(runner) + "\n")
-    L.append(f"Medians of all samples over {a.rounds} interleaved rounds (lora-dist and PyTorch alternate "
-             f"per group; each process: warm-up, then ≥ {a.reps} samples and ≥ {a.min_time} s per row). "
+    L.append(f"Medians of all samples over {a.rounds} rounds; in each round every row runs on both sides back "
+             f"to back (which side goes first alternates), warm-up then ≥ {a.reps} samples and ≥ {a.min_time} s. "
              f"Load average before/after: {load_before} / {load_after}; bench wall time {wall / 60:.1f} min.\n")
     notes = []
     groups = a.groups
@@ -407,6 +481,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--groups", default="gemm,conv,attn,norm")
     ap.add_argument("--no-mem", action="store_true", help="skip the attention peak-memory processes")
+    ap.add_argument("--gap", type=float, default=0.15, help="idle seconds before each command")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     args = ap.parse_args()
     args.groups = [g for g in args.groups.split(",") if g]
@@ -418,21 +493,28 @@ def main():
     t_start = time.time()
     with open(os.path.join(OUT_DIR, "raw.jsonl"), "w") as raw:
         r = Runner(args, raw)
+        workers = {}
+
+        def worker(label):
+            if label not in workers:
+                workers[label] = Worker(label, r)
+            return workers[label]
+
         for rnd in range(args.rounds):
             print(f"round {rnd + 1}/{args.rounds}", flush=True)
-            for gi, group in enumerate(args.groups):
-                ours, theirs = group_rows(group)
-                sides = ["lora-dist", "torch"] if (rnd + gi) % 2 == 0 else ["torch", "lora-dist"]
-                for side in sides:
-                    if side == "torch":
-                        r.run("torch", theirs)
-                        continue
-                    r.run("lora-dist", ours)
-                    if group == "gemm":
-                        ks = KERNELS[rnd % len(KERNELS):] + KERNELS[:rnd % len(KERNELS)]
-                        for kern in ks:
-                            r.run("lora-dist", [sgemm_linear_spec(m, k, n) for m, k, n, _ in GEMMS],
-                                  env_extra={OVERRIDE: kern})
+            i = 0
+            for group in args.groups:
+                t0 = time.time()
+                for ours, theirs in schedule(group, rnd):
+                    sides = ours + theirs if (i + rnd) % 2 == 0 else theirs + ours
+                    i += 1
+                    for label, row in sides:
+                        # Let the other side's spinning BLAS / OpenMP threads go idle first.
+                        time.sleep(args.gap)
+                        worker(label).measure(row)
+                print(f"  {group:<5} {time.time() - t0:6.1f} s", flush=True)
+        for w in workers.values():
+            w.close()
         if "attn" in args.groups and not args.no_mem:
             print("attention peak memory (one fresh process per row and side)", flush=True)
             for at in ATTNS:

@@ -3,6 +3,7 @@
 
     python3 bench/torch_bench.py --rows 'linear:4096,640,640;conv_fwd:1,320,64,64,320,1,1' [--reps 3] [--min-time 0.3]
     python3 bench/torch_bench.py --mem --warmup-row attn:1,128,128,640,10 --rows attn:1,4096,4096,640,10
+    python3 bench/torch_bench.py --serve     # one 'spec reps min_time' line per command on stdin
 
 Each row is the PyTorch equivalent of the lora-dist kernel call (see bench/README.md):
   linear:M,K,N        F.linear(x[M,K], w[N,K])                      (no bias)
@@ -113,13 +114,35 @@ def make_row(spec):
     raise SystemExit(f"unknown row kind in {spec}")
 
 
+def measure(run, reps, min_time, warmup):
+    """Warm-up (`warmup` calls, then more while a short row has had under 0.1 s), then samples until
+    there are at least `reps` of them and `min_time` seconds have passed (at most 200)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        run()
+    if warmup > 0:
+        while time.perf_counter() - t0 < 0.1:
+            s = time.perf_counter()
+            run()
+            if time.perf_counter() - s > 0.05:
+                break
+    samples = []
+    t0 = time.perf_counter()
+    while len(samples) < reps or (time.perf_counter() - t0 < min_time and len(samples) < 200):
+        s = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - s)
+    return samples
+
+
 def emit(obj):
     print(json.dumps(obj), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", required=True)
+    ap.add_argument("--rows", default="")
+    ap.add_argument("--serve", action="store_true", help="read 'spec reps min_time' lines on stdin")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.3)
     ap.add_argument("--warmup", type=int, default=1)
@@ -142,24 +165,29 @@ def main():
             peak = proc_status_kb("VmHWM")
             emit({"side": "torch", "row": spec, "peak_mb": round((peak - base) / 1024, 1)})
         return
-    for spec in rows:
-        run = make_row(spec)
-        t0 = time.perf_counter()
-        for _ in range(max(a.warmup, 1)):
-            run()
-        while time.perf_counter() - t0 < 0.2:   # short rows: more warm-up
-            s = time.perf_counter()
-            run()
-            if time.perf_counter() - s > 0.1:
+    if a.serve:
+        # One command per stdin line, "spec reps min_time"; rows are built once and kept.
+        cache, last = {}, {}
+        for line in sys.stdin:
+            parts = line.split()
+            if not parts:
+                continue
+            if parts[0] == "quit":
                 break
-        samples = []
-        t0 = time.perf_counter()
-        while len(samples) < a.reps or (time.perf_counter() - t0 < a.min_time and len(samples) < 200):
-            s = time.perf_counter()
-            run()
-            samples.append(time.perf_counter() - s)
-        emit({"side": "torch", "row": spec, "samples": [round(t, 7) for t in samples]})
-
+            spec = parts[0]
+            reps = int(parts[1]) if len(parts) > 1 else a.reps
+            min_time = float(parts[2]) if len(parts) > 2 else a.min_time
+            first = spec not in cache
+            if first:
+                cache[spec] = make_row(spec)
+            warm = max(a.warmup, 1) if first else (1 if last.get(spec, 0) < 0.3 else 0)
+            samples = measure(cache[spec], reps, min_time, warm)
+            last[spec] = samples[-1]
+            emit({"side": "torch", "row": spec, "samples": [round(t, 7) for t in samples]})
+        return
+    for spec in rows:
+        emit({"side": "torch", "row": spec,
+              "samples": [round(t, 7) for t in measure(make_row(spec), a.reps, a.min_time, max(a.warmup, 1))]})
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,9 @@
 //   lora-dist-bench --mem --warmup-row attn:1,128,128,640,10 --rows attn:1,4096,4096,640,10
 //
 // Time mode: per row, warm up, then time iterations until at least `reps` samples and `min-time`
-// seconds; prints {"side":"lora-dist","row":spec,"samples":[seconds...]}.
+// seconds; prints {"side":"lora-dist","row":spec,"samples":[seconds...]}. --serve does the same per
+// stdin line "spec reps minTime", keeping each row's tensors, so bench/report.py can alternate the
+// two sides row by row.
 // Memory mode: per row, one iteration in this (fresh) process; prints the growth of peak RSS over
 // the RSS just before it: {"side":"lora-dist","row":spec,"peak_mb":...}.
 import Foundation
@@ -23,6 +25,7 @@ struct Options {
     var minTime = 0.3
     var warmup = 1
     var mem = false
+    var serve = false
     var warmupRow: String?
     var threads = 2
 }
@@ -42,9 +45,11 @@ func parseOptions() -> Options {
         case "--warmup": o.warmup = Int(value(a)) ?? o.warmup
         case "--threads": o.threads = Int(value(a)) ?? o.threads
         case "--mem": o.mem = true
+        case "--serve": o.serve = true
         case "--warmup-row": o.warmupRow = value(a)
         case "-h", "--help":
             print("usage: lora-dist-bench --rows 'kind:args;...' [--reps N] [--min-time S] [--warmup N] [--threads N] [--mem [--warmup-row spec]]")
+            print("       lora-dist-bench --serve   (reads 'spec reps minTime' lines on stdin, answers one JSON line each)")
             print("kinds: sgemm:M,N,K,transA,transB  linear:M,K,N  conv_fwd|conv_dx:N,Cin,H,W,Cout,stride,pad")
             print("       attn:B,Nq,Nk,C,heads  gn:N,C,H,W,groups  geglu:B,M,twoF")
             exit(0)
@@ -233,6 +238,34 @@ func makeRow(_ spec: String) -> Row {
     }
 }
 
+// MARK: - Timing
+
+/// Warm-up (`warmup` iterations, then more while a short row has had under 0.1 s), then samples
+/// until there are at least `reps` of them and `minTime` seconds have passed (at most 200).
+func measure(_ row: Row, reps: Int, minTime: Double, warmup: Int) -> [Double] {
+    var t0 = now()
+    for _ in 0..<warmup { row.run() }
+    if warmup > 0 {
+        while now() - t0 < 0.1 {
+            let s = now(); row.run()
+            if now() - s > 0.05 { break }
+        }
+    }
+    var samples: [Double] = []
+    t0 = now()
+    while samples.count < reps || (now() - t0 < minTime && samples.count < 200) {
+        let s = now()
+        row.run()
+        samples.append(now() - s)
+    }
+    return samples
+}
+
+func emitSamples(_ spec: String, _ samples: [Double]) {
+    emit([("side", jsonString("lora-dist")), ("row", jsonString(spec)),
+          ("samples", "[" + samples.map { String(format: "%.7f", $0) }.joined(separator: ",") + "]")])
+}
+
 // MARK: - Main
 
 func benchMain() {
@@ -256,25 +289,29 @@ func benchMain() {
             emit([("side", jsonString("lora-dist")), ("row", jsonString(spec)),
                   ("peak_mb", String(format: "%.1f", Double(peak - base) / 1024))])
         }
+    } else if options.serve {
+        // One command per stdin line, "spec reps minTime"; rows are built once and kept.
+        var cache: [String: Row] = [:]
+        var last: [String: Double] = [:]
+        while let line = readLine() {
+            let parts = line.split(separator: " ").map(String.init)
+            if parts.isEmpty { continue }
+            if parts[0] == "quit" { break }
+            let spec = parts[0]
+            let reps = parts.count > 1 ? Int(parts[1]) ?? options.reps : options.reps
+            let minTime = parts.count > 2 ? Double(parts[2]) ?? options.minTime : options.minTime
+            let first = cache[spec] == nil
+            let row = cache[spec] ?? makeRow(spec)
+            cache[spec] = row
+            let samples = measure(row, reps: reps, minTime: minTime,
+                                  warmup: first ? max(options.warmup, 1) : ((last[spec] ?? 0) < 0.3 ? 1 : 0))
+            last[spec] = samples.last
+            emitSamples(spec, samples)
+        }
     } else {
         for spec in options.rows {
-            let row = makeRow(spec)
-            var t0 = now()
-            for _ in 0..<max(options.warmup, 1) { row.run() }
-            // Short rows: more warm-up, up to 0.2 s.
-            while now() - t0 < 0.2 {
-                let s = now(); row.run()
-                if now() - s > 0.1 { break }
-            }
-            var samples: [Double] = []
-            t0 = now()
-            while samples.count < options.reps || (now() - t0 < options.minTime && samples.count < 200) {
-                let s = now()
-                row.run()
-                samples.append(now() - s)
-            }
-            emit([("side", jsonString("lora-dist")), ("row", jsonString(spec)),
-                  ("samples", "[" + samples.map { String(format: "%.7f", $0) }.joined(separator: ",") + "]")])
+            emitSamples(spec, measure(makeRow(spec), reps: options.reps, minTime: options.minTime,
+                                      warmup: max(options.warmup, 1)))
         }
     }
     if sink.isNaN { FileHandle.standardError.write("nan in results\n".data(using: .utf8)!) }
