@@ -102,11 +102,14 @@ final class ConvTests: XCTestCase {
         }
     }
 
-    /// Larger, SDXL-like channel counts against a direct (seven-loop) convolution in Double: exercises
-    /// multi-threaded im2col/col2im splits that the tiny fixtures do not.
+    /// Against a direct (seven-loop) convolution in Double, at sizes the tiny fixtures do not reach:
+    /// 19 → 23 channels split over threads, and ≥ 32×32 stride-1 3×3 outputs, which take the Winograd
+    /// path (forward and dX; odd sizes, so the last 2×2 tiles are cut).
     func testAgainstDirectConvolution() {
-        for (k, s, p) in [(3, 1, 1), (3, 2, 1), (3, 2, 0), (1, 1, 0)] {
-            let n = 2, cin = 19, cout = 23, h = 17, wd = 12
+        let cases = [(3, 1, 1, 19, 23, 17, 12), (3, 2, 1, 19, 23, 17, 12), (3, 2, 0, 19, 23, 17, 12),
+                     (1, 1, 0, 19, 23, 17, 12), (3, 1, 1, 5, 7, 33, 31), (3, 1, 0, 6, 4, 35, 34)]
+        for (k, s, p, cin, cout, h, wd) in cases {
+            let n = 2
             let x = Tensor(randomNormal: [n, cin, h, wd], seed: 11)
             let w = Tensor(randomNormal: [cout, cin, k, k], std: 0.2, seed: 12)
             let b = Tensor(randomNormal: [cout], seed: 13)
@@ -133,11 +136,48 @@ final class ConvTests: XCTestCase {
                 }}}
                 ref[yi] = acc
             }}}}
-            let what = "direct k\(k) s\(s) p\(p)"
+            let what = "direct k\(k) s\(s) p\(p) \(cin)→\(cout) \(h)×\(wd)"
             assertClose(y, Tensor(shape: y.shape, ref.map(Float.init)), atol: 1e-4, rtol: 1e-4, "\(what) forward")
             assertClose(r.dX!, Tensor(shape: x.shape, dx.map(Float.init)), atol: 1e-4, rtol: 1e-4, "\(what) dX")
+            // dW and dB sum over up to 2·35·34 positions
             assertClose(r.dW!, Tensor(shape: w.shape, dw.map(Float.init)), atol: 1e-3, rtol: 1e-4, "\(what) dW")
             assertClose(r.dB!, Tensor(shape: [cout], db.map(Float.init)), atol: 1e-3, rtol: 1e-4, "\(what) dB")
+        }
+    }
+
+    /// Channels [from, from + count) of a [A, C, ...] tensor.
+    func channels(_ t: Tensor, _ from: Int, _ count: Int) -> Tensor {
+        let a = t.shape[0], c = t.shape[1], inner = t.shape.dropFirst(2).reduce(1, *)
+        let v = t.scalars
+        var out = [Float](); out.reserveCapacity(a * count * inner)
+        for i in 0..<a { out += v[((i * c + from) * inner)..<((i * c + from + count) * inner)] }
+        var shape = t.shape; shape[1] = count
+        return Tensor(shape: shape, out)
+    }
+
+    /// 512 input channels take the banded paths (Winograd tile-row bands, im2col/col2im output-row bands)
+    /// that small convolutions do not. A convolution is a sum over input channels, so its output must
+    /// equal the sum over 64-channel slices (each small enough to run unbanded, the path checked against
+    /// the direct loop above), and its dX and dW restricted to a slice must equal the slice's own.
+    func testBandedPathsMatchChannelSlices() {
+        for (s, h, wd) in [(1, 40, 34), (2, 48, 90)] {
+            let cin = 512, cout = 8, slice = 64
+            let x = Tensor(randomNormal: [1, cin, h, wd], seed: 31)
+            let w = Tensor(randomNormal: [cout, cin, 3, 3], std: 0.05, seed: 32)
+            let y = Conv2d.forward(x, w, nil, stride: s, padding: 1)
+            let dY = Tensor(randomNormal: y.shape, seed: 33)
+            let full = Conv2d.backward(dY, x: x, w: w, stride: s, padding: 1, wantX: true, wantW: true, wantB: false)
+            var sum = [Float](repeating: 0, count: y.count)
+            for c0 in stride(from: 0, to: cin, by: slice) {
+                let xs = channels(x, c0, slice), ws = channels(w, c0, slice)
+                let part = Conv2d.forward(xs, ws, nil, stride: s, padding: 1).scalars
+                for i in 0..<sum.count { sum[i] += part[i] }
+                let r = Conv2d.backward(dY, x: xs, w: ws, stride: s, padding: 1, wantX: true, wantW: true, wantB: false)
+                assertClose(channels(full.dX!, c0, slice), r.dX!, atol: 1e-4, rtol: 1e-4, "s\(s) dX channels \(c0)..")
+                assertClose(channels(full.dW!, c0, slice), r.dW!, atol: 1e-3, rtol: 1e-4, "s\(s) dW channels \(c0)..")
+            }
+            // sums of 4608 products of magnitude ~0.05: the two summation orders differ by ~1e-5
+            assertClose(y, Tensor(shape: y.shape, sum), atol: 2e-4, rtol: 1e-4, "s\(s) forward = Σ slices")
         }
     }
 
