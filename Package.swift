@@ -48,6 +48,7 @@ let package = Package(
 
         .target(name: "Tensor", dependencies: ["CBLAS"], path: "Sources/Tensor", swiftSettings: kernelFlags),
         .target(name: "SafeTensors", dependencies: ["Tensor"], path: "Sources/SafeTensors"),
+        .target(name: "SDXL", dependencies: ["Tensor", "SafeTensors"], path: "Sources/SDXL", swiftSettings: kernelFlags),
         .target(
             name: "Distributed",
             dependencies: ["CMPI", "CZstd", .product(name: "Logging", package: "swift-log")],
@@ -55,7 +56,7 @@ let package = Package(
         .executableTarget(
             name: "LoraDist",
             dependencies: [
-                "Tensor", "SafeTensors", "Distributed",
+                "Tensor", "SafeTensors", "SDXL", "Distributed",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -66,6 +67,7 @@ let package = Package(
 
         .testTarget(
             name: "TensorTests", dependencies: ["Tensor", "SafeTensors"], path: "Tests/TensorTests"),
+        .testTarget(name: "SDXLTests", dependencies: ["SDXL", "Tensor", "SafeTensors"], path: "Tests/SDXLTests"),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"], path: "Tests/SafeTensorsTests"),
         .testTarget(name: "DistributedTests", dependencies: ["Distributed"], path: "Tests/DistributedTests"),
     ],

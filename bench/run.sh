@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "== installing PyTorch 2.13.0 (CPU)"
-    "$PY" -m pip install "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu
+    "$PY" -m pip install "torch==2.13.0+cpu"
 fi
 "$PY" -c "import torch; v = torch.__version__; print('torch', v)
 if not v.startswith('2.13'): print('warning: the bench is written against torch 2.13, found', v)"

@@ -65,6 +65,16 @@ public enum BLAS {
 
     static func setThreads(_ n: Int) { load(); lora_blas_set_threads(Int32(n)) }
 
+    /// Runs `body` with OpenBLAS on one thread, so that `body` may call sgemm from inside `parallelFor`
+    /// (many small independent products, e.g. attention tiles) without the two thread pools competing.
+    static func withOneThread(_ body: () -> Void) {
+        let n = Threads.count
+        load()
+        if n > 1 { setThreads(1) }
+        body()
+        if n > 1 { setThreads(n) }
+    }
+
     /// Row-major C[M,N] = alpha · op(A)[M,K] · op(B)[K,N] + beta · C.
     @inline(__always)
     static func sgemm(

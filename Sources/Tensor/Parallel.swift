@@ -3,7 +3,8 @@ import Foundation
 /// How many threads one process uses. Under `mpirun` several ranks share a node, so this is set per
 /// rank (cores on the node / ranks on the node) rather than taken from the machine.
 /// GEMM runs on OpenBLAS's threads; every other kernel on `parallelFor`'s. They never run at the same
-/// time: a kernel calls GEMM from one thread only, outside any `parallelFor`.
+/// time: a kernel calls GEMM from one thread only, outside any `parallelFor`, or inside one under
+/// `BLAS.withOneThread` (OpenBLAS on one thread meanwhile).
 public enum Threads {
     private static let lock = NSLock()
     nonisolated(unsafe) private static var current = ProcessInfo.processInfo.activeProcessorCount

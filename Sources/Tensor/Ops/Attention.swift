@@ -30,7 +30,7 @@ public enum Attention {
         // Scores go straight into the log₂ domain: exp(scale·s) = 2^(scale·log₂e·s).
         let alpha = g.scale * ExpMath.log2e
 
-        withOneThreadedBLAS {
+        BLAS.withOneThread {
             runTiles(g.batch * heads * nqb) { next in
                 let s = UnsafeMutablePointer<Float>.allocate(capacity: qBlock * kBlock)   // scores, then P
                 let o = UnsafeMutablePointer<Float>.allocate(capacity: qBlock * d)        // unnormalised output
@@ -116,7 +116,7 @@ public enum Attention {
             let dV = wantV ? PerWorker(Tensor(zeros: v.shape)) : nil
             let dq = dQ?.mutablePointer
             let nqb = (nq + qBlock - 1) / qBlock
-            withOneThreadedBLAS {
+            BLAS.withOneThread {
                 runTiles(g.batch * heads * nqb) { next in
                     let dk = dK?.claim(), dv = dV?.claim()
                     let work = TileBuffers(d: d)
@@ -146,7 +146,7 @@ public enum Attention {
         let dV = wantV ? Tensor(uninitialized: v.shape) : nil
         let nkb = (g.nk + kBlock - 1) / kBlock
         let pdk = dK?.mutablePointer, pdv = dV?.mutablePointer
-        withOneThreadedBLAS {
+        BLAS.withOneThread {
             runTiles(g.batch * heads * nkb) { next in
                 let dq = dQ?.claim()
                 let work = TileBuffers(d: d)
@@ -218,15 +218,6 @@ public enum Attention {
             copies = []
             return result
         }
-    }
-
-    /// Runs `body` with OpenBLAS on one thread, so sgemm may be called from inside `parallelFor`.
-    static func withOneThreadedBLAS(_ body: () -> Void) {
-        let n = Threads.count
-        BLAS.load()
-        if n > 1 { BLAS.setThreads(1) }
-        body()
-        if n > 1 { BLAS.setThreads(n) }
     }
 
     /// Sizes and index arithmetic of one attention call.

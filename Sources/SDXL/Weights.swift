@@ -1,0 +1,155 @@
+import Foundation
+import SafeTensors
+import Tensor
+
+/// Where a model's weights come from: a checkpoint file, tensors in memory, or a seeded random
+/// initialiser (for `make-model` and tests). `shape` is what the module expects; a source returns its own
+/// tensor (the binder checks the shape) or nil when it has no such key.
+public protocol WeightSource {
+    func tensor(_ key: String, expectedShape: [Int]) throws -> Tensor?
+    /// Every key the source holds (for the strict "unknown keys" check).
+    var keys: [String] { get }
+    /// Names the source in error messages (a path, "random weights", …).
+    var sourceName: String { get }
+}
+
+extension SafeTensorsFile: WeightSource {
+    public func tensor(_ key: String, expectedShape: [Int]) throws -> Tensor? {
+        entries[key] == nil ? nil : try tensor(key)
+    }
+    public var keys: [String] { names }
+    public var sourceName: String { path }
+}
+
+/// Tensors held in memory under their canonical keys.
+public struct TensorDictionary: WeightSource {
+    public var tensors: [String: Tensor]
+    public let sourceName: String
+    public init(_ tensors: [String: Tensor], name: String = "tensors in memory") {
+        self.tensors = tensors
+        self.sourceName = name
+    }
+    public func tensor(_ key: String, expectedShape: [Int]) throws -> Tensor? { tensors[key] }
+    public var keys: [String] { tensors.keys.sorted() }
+}
+
+/// Deterministic random weights for any key: the same (seed, key) always gives the same tensor, so a
+/// model made twice is identical. Norm scales are 1 + small noise, biases small, matrices ~N(0, 1/fan_in)
+/// — a random model whose activations stay in a realistic range through dozens of blocks.
+public struct RandomWeights: WeightSource {
+    public let seed: UInt64
+    public let dtype: DType
+    public init(seed: UInt64, dtype: DType = .f32) { self.seed = seed; self.dtype = dtype }
+    public var keys: [String] { [] }
+    public var sourceName: String { "random weights (seed \(seed))" }
+
+    public func tensor(_ key: String, expectedShape shape: [Int]) throws -> Tensor? {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325   // FNV-1a of the key, mixed with the seed
+        for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        let s = h ^ (seed &* 0x9E37_79B9_7F4A_7C15)
+        let leaf = key.split(separator: ".").last.map(String.init) ?? key
+        let isNorm = key.contains("norm") || key.contains("ln_") || key.contains("layer_norm")
+        let t: Tensor
+        if (leaf == "weight" || leaf == "scale") && isNorm && shape.count == 1 {
+            t = Elementwise.add(Tensor(randomNormal: shape, std: 0.05, seed: s), Tensor(shape: [1], [1]))
+        } else if leaf == "bias" || shape.count == 1 {
+            t = Tensor(randomNormal: shape, std: 0.02, seed: s)
+        } else {
+            let fanIn = shape.count >= 2 ? shape.dropFirst().reduce(1, *) : shape[0]
+            let embedding = key.contains("embedding") || key.hasSuffix("positional_embedding")
+            t = Tensor(randomNormal: shape, std: embedding ? 0.02 : 1 / Float(fanIn).squareRoot(), seed: s)
+        }
+        return dtype == .f32 ? t : t.converted(to: dtype)
+    }
+}
+
+/// A model's load problems, all at once: missing keys, keys nobody asked for, and shape mismatches.
+public struct WeightLoadError: Error, CustomStringConvertible {
+    public let source: String
+    public let missing: [String]
+    public let unexpected: [String]
+    public let mismatched: [(key: String, expected: [Int], found: [Int])]
+
+    public var description: String {
+        func list(_ keys: [String]) -> String {
+            let shown = keys.prefix(12).map { "  \($0)" }.joined(separator: "\n")
+            return keys.count > 12 ? shown + "\n  … and \(keys.count - 12) more" : shown
+        }
+        var parts = ["\(source) does not match the model being built:"]
+        if !missing.isEmpty { parts.append("\(missing.count) missing key(s):\n" + list(missing)) }
+        if !unexpected.isEmpty { parts.append("\(unexpected.count) unexpected key(s):\n" + list(unexpected)) }
+        if !mismatched.isEmpty {
+            parts.append("\(mismatched.count) shape mismatch(es):\n" + list(mismatched.map { "\($0.key): model wants \($0.expected), file has \($0.found)" }))
+        }
+        return parts.joined(separator: "\n")
+    }
+}
+
+/// Binds weights to modules as they are built, so the module tree is the key tree. It records every key
+/// asked for (with its shape): that list is the strict-load check, the list `make-model` writes, and
+/// the names LoRA adapters are derived from.
+public final class WeightBinder {
+    public let source: WeightSource
+    public private(set) var bound: [(key: String, tensor: Tensor)] = []
+    private var boundKeys: Set<String> = []
+    private var missing: [String] = []
+    private var mismatched: [(key: String, expected: [Int], found: [Int])] = []
+    private var failure: Error?
+
+    public init(_ source: WeightSource) { self.source = source }
+
+    /// The scope at the root of the key space, or under `prefix`.
+    public func scope(_ prefix: String = "") -> WeightScope { WeightScope(binder: self, path: prefix) }
+
+    func take(_ key: String, shape: [Int]) -> Tensor {
+        precondition(!boundKeys.contains(key), "weight \(key) bound twice: two modules claim one key")
+        boundKeys.insert(key)
+        do {
+            guard let t = try source.tensor(key, expectedShape: shape) else {
+                missing.append(key)
+                return Tensor(zeros: shape)
+            }
+            guard t.shape == shape else {
+                mismatched.append((key, shape, t.shape))
+                return Tensor(zeros: shape)
+            }
+            bound.append((key, t))
+            return t
+        } catch {
+            if failure == nil { failure = error }
+            return Tensor(zeros: shape)
+        }
+    }
+
+    /// Throws if anything was missing or mis-shaped, or if the source holds keys under `prefixes` that no
+    /// module asked for (unless `ignorable` says they are known to be harmless).
+    public func finish(checkingUnusedUnder prefixes: [String], ignorable: (String) -> Bool = { _ in false }) throws {
+        if let failure { throw failure }
+        let unexpected = source.keys.filter { key in
+            !boundKeys.contains(key) && prefixes.contains { key.hasPrefix($0) } && !ignorable(key)
+        }
+        if !missing.isEmpty || !mismatched.isEmpty || !unexpected.isEmpty {
+            throw WeightLoadError(source: source.sourceName, missing: missing, unexpected: unexpected, mismatched: mismatched)
+        }
+    }
+}
+
+/// A position in the key tree: `scope["in_layers.0"].tensor("weight", [320])` binds
+/// `<path>.in_layers.0.weight`.
+public struct WeightScope {
+    let binder: WeightBinder
+    public let path: String
+
+    public subscript(_ child: String) -> WeightScope {
+        WeightScope(binder: binder, path: path.isEmpty ? child : "\(path).\(child)")
+    }
+
+    public subscript(_ index: Int) -> WeightScope { self[String(index)] }
+
+    /// The frozen weight `<path>.<name>` of the given shape (kept in the file's dtype, not copied).
+    public func tensor(_ name: String, _ shape: [Int]) -> Tensor {
+        binder.take(path.isEmpty ? name : "\(path).\(name)", shape: shape)
+    }
+
+    public func key(_ name: String) -> String { path.isEmpty ? name : "\(path).\(name)" }
+}
