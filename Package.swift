@@ -48,7 +48,10 @@ let package = Package(
 
         .target(name: "Tensor", dependencies: ["CBLAS"], path: "Sources/Tensor", swiftSettings: kernelFlags),
         .target(name: "SafeTensors", dependencies: ["Tensor"], path: "Sources/SafeTensors"),
-        .target(name: "SDXL", dependencies: ["Tensor", "SafeTensors"], path: "Sources/SDXL", swiftSettings: kernelFlags),
+        .target(
+            name: "SDXL", dependencies: ["Tensor", "SafeTensors"], path: "Sources/SDXL",
+            resources: [.copy("Resources/clip_bpe_merges.txt"), .copy("Resources/LICENSE-open_clip.txt")],
+            swiftSettings: kernelFlags),
         .target(
             name: "Distributed",
             dependencies: ["CMPI", "CZstd", .product(name: "Logging", package: "swift-log")],
