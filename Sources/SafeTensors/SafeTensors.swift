@@ -43,6 +43,12 @@ public struct SafeTensorsFile {
 
     public var names: [String] { entries.keys.sorted() }
 
+    /// key → shape, for model detection and config inference (no tensor is touched).
+    public var shapes: [String: [Int]] { entries.mapValues(\.shape) }
+
+    /// Size of the tensor data in bytes.
+    public var dataBytes: Int { entries.values.reduce(0) { $0 + $1.range.count } }
+
     static let maxHeader = 100 << 20
     static let dtypeSizes: [String: Int] = [
         "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
