@@ -146,7 +146,8 @@ public struct SafeTensorsFile {
 }
 
 /// Writes tensors + string metadata to `path` atomically: a temporary file in the same folder,
-/// fsynced, then renamed over the target.
+/// written tensor by tensor (a 7 GB checkpoint never sits in memory twice), fsynced, then renamed over
+/// the target. On any failure the temporary file is removed and the target is left as it was.
 public func writeSafeTensors(_ tensors: [String: Tensor], metadata: [String: String] = [:], to path: String) throws {
     var header: [String: Any] = [:]
     if !metadata.isEmpty { header["__metadata__"] = metadata }
@@ -161,26 +162,40 @@ public func writeSafeTensors(_ tensors: [String: Tensor], metadata: [String: Str
     }
     var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
     while json.count % 8 != 0 { json.append(0x20) }   // pad so tensor data is 8-byte aligned
-    var out = Data()
+    var prefix = Data()
     var n = UInt64(json.count).littleEndian
-    withUnsafeBytes(of: &n) { out.append(contentsOf: $0) }
-    out.append(json)
-    for name in names { tensors[name]!.withUnsafeBytes { out.append(contentsOf: $0) } }
+    withUnsafeBytes(of: &n) { prefix.append(contentsOf: $0) }
+    prefix.append(json)
+
     let tmp = path + ".tmp-\(getpid())"
-    guard FileManager.default.createFile(atPath: tmp, contents: nil) else {
-        throw SafeTensorsError(path: path, problem: "cannot create temporary file \(tmp)")
+    let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard fd >= 0 else {
+        throw SafeTensorsError(path: path, problem: "cannot create temporary file \(tmp) (\(String(cString: strerror(errno))))")
     }
-    let h = try FileHandle(forWritingTo: URL(fileURLWithPath: tmp))
-    do {
-        try h.write(contentsOf: out)
-        try h.synchronize()
-        try h.close()
-    } catch {
-        try? FileManager.default.removeItem(atPath: tmp)
-        throw SafeTensorsError(path: path, problem: "write failed: \(error)")
+    func fail(_ what: String) -> SafeTensorsError {
+        let reason = String(cString: strerror(errno))
+        close(fd)
+        unlink(tmp)
+        return SafeTensorsError(path: path, problem: "\(what) failed (\(reason)); nothing was replaced")
     }
+    func writeAll(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var done = 0
+        while done < bytes.count {
+            let r = write(fd, bytes.baseAddress! + done, min(bytes.count - done, 1 << 30))
+            if r < 0 { if errno == EINTR { continue }; return false }
+            done += r
+        }
+        return true
+    }
+    guard prefix.withUnsafeBytes(writeAll) else { throw fail("write") }
+    for name in names {
+        guard tensors[name]!.withUnsafeBytes(writeAll) else { throw fail("write") }
+    }
+    guard fsync(fd) == 0 else { throw fail("fsync") }
+    guard close(fd) == 0 else { unlink(tmp); throw SafeTensorsError(path: path, problem: "close failed") }
     guard rename(tmp, path) == 0 else {
-        try? FileManager.default.removeItem(atPath: tmp)
-        throw SafeTensorsError(path: path, problem: "rename into place failed (\(String(cString: strerror(errno))))")
+        let reason = String(cString: strerror(errno))
+        unlink(tmp)
+        throw SafeTensorsError(path: path, problem: "rename into place failed (\(reason))")
     }
 }
