@@ -6,6 +6,7 @@ public struct SafeTensorsError: Error, CustomStringConvertible {
     public let path: String
     public let problem: String
     public var description: String { "\(path): \(problem)" }
+    public init(path: String, problem: String) { self.path = path; self.problem = problem }
 }
 
 /// A memory-mapped file; unmapped when the last tensor viewing it is gone.
