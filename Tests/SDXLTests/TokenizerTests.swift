@@ -45,7 +45,7 @@ final class TokenizerTests: XCTestCase {
         let meta = Self.golden.meta
         XCTAssertEqual(meta["ftfy"] as? String, "6.3.1")
         XCTAssertTrue((meta["transformers"] as? String)?.hasPrefix("4.") ?? false, "python CLIPTokenizer (ftfy)")
-        XCTAssertEqual(Self.golden.cases.count, 42)
+        XCTAssertEqual(Self.golden.cases.count, 43)
         XCTAssertEqual(Self.tokenizers[.endOfText]!.vocabularySize, 49_408)
         XCTAssertEqual(Self.tokenizers[.endOfText]!.padID, 49_407)
         XCTAssertEqual(Self.tokenizers[.zero]!.padID, 0)

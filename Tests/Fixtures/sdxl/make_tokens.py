@@ -29,7 +29,8 @@ Outputs:
       html.entities.html5) and width map (chardata.WIDTH_MAP), which come from Python's Unicode/HTML data.
 """
 import gzip
-import html
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -38,7 +39,6 @@ import tempfile
 
 import ftfy
 import ftfy.chardata
-import open_clip
 import torch
 import transformers
 from transformers import CLIPTokenizer
@@ -62,7 +62,9 @@ def bytes_to_unicode():
 
 def write_vocab_files(folder):
     """vocab.json + merges.txt as openai/clip-vit-large-patch14 ships them, from open_clip's merges file."""
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    # open_clip's package folder, found without importing it (its __init__ pulls in torchvision).
+    package = importlib.util.find_spec("open_clip").submodule_search_locations[0]
+    path = os.path.join(package, "bpe_simple_vocab_16e6.txt.gz")
     merge_lines = gzip.open(path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     assert len(merge_lines) == 48894
     bundled = open(os.path.join(REPO, "Sources/SDXL/Resources/clip_bpe_merges.txt"), encoding="utf-8").read()
@@ -204,7 +206,7 @@ def main():
         "generator": "Tests/Fixtures/sdxl/make_tokens.py",
         "transformers": transformers.__version__,
         "ftfy": ftfy.__version__,
-        "open_clip": open_clip.__version__,
+        "open_clip": importlib.metadata.version("open_clip_torch"),
         "tokenizer1": {"pad_token": tok1.pad_token, "pad_token_id": tok1.pad_token_id},
         "tokenizer2": {"pad_token": tok2.pad_token, "pad_token_id": tok2.pad_token_id},
         "cases": cases,
