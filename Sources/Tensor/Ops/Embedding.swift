@@ -35,7 +35,7 @@ public enum Embedding {
     /// SDXL uses it for the timestep (dim 320) and for each of the six size/crop numbers of `y` (dim 256).
     public static func timestep(_ t: [Float], dim: Int, maxPeriod: Float = 10000) -> Tensor {
         let half = dim / 2
-        let freqs = (0..<half).map { i in Float(exp(-log(Double(maxPeriod)) * Double(i) / Double(half))) }
+        let freqs = timestepFrequencies(half: half, maxPeriod: maxPeriod)
         var out = [Float](repeating: 0, count: t.count * dim)
         for (b, tb) in t.enumerated() {
             for i in 0..<half {
@@ -47,11 +47,19 @@ public enum Embedding {
         return Tensor(shape: [t.count, dim], out)
     }
 
+    /// exp(−ln(maxPeriod)·i/half) computed step by step in fp32, as torch does it
+    /// (`torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half)`): at t ≈ 1000
+    /// one ulp of a frequency moves sin/cos by ~1e-4, so the rounding must be the same as the reference's.
+    static func timestepFrequencies(half: Int, maxPeriod: Float) -> [Float] {
+        let c = Float(-log(Double(maxPeriod)))
+        return (0..<half).map { i in Foundation.exp(c * Float(i) / Float(half)) }
+    }
+
     /// d(timestep embedding)/dt contracted with dY: Σ_i f_i·(−sin(t f_i)·dY_cos,i + cos(t f_i)·dY_sin,i) → [B].
     public static func timestepBackward(_ dY: Tensor, t: [Float], dim: Int, maxPeriod: Float = 10000) -> Tensor {
         let half = dim / 2
         let g = dY.scalars
-        let freqs = (0..<half).map { i in Float(exp(-log(Double(maxPeriod)) * Double(i) / Double(half))) }
+        let freqs = timestepFrequencies(half: half, maxPeriod: maxPeriod)
         let dt = t.enumerated().map { b, tb -> Float in
             var s: Float = 0
             for i in 0..<half {
