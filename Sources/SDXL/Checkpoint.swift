@@ -48,8 +48,9 @@ public struct SDXLPreset: Equatable {
     }
 }
 
-/// A single-file SDXL checkpoint: detected, its configuration inferred from its shapes, each network
-/// loaded strictly on demand (frozen weights stay memory-mapped in the file's dtype).
+/// An SDXL checkpoint — a single file, or a diffusers folder read in the single-file key space
+/// (`DiffusersFolder`) — detected, its configuration inferred from its shapes, each network loaded strictly
+/// on demand (frozen weights stay memory-mapped in the file's dtype).
 public struct SDXLCheckpoint {
     public static let unetPrefix = "model.diffusion_model"
     public static let vaePrefix = "first_stage_model"
@@ -63,7 +64,14 @@ public struct SDXLCheckpoint {
         "sqrt_recipm1_alphas_cumprod", "model_ema.decay", "model_ema.num_updates", "v_pred", "ztsnr",
     ]
 
-    public let file: SafeTensorsFile
+    /// Where the networks' weights come from: the file, or the diffusers folder.
+    public let source: any WeightSource
+    /// The single file (nil when opened from a diffusers folder).
+    public let file: SafeTensorsFile!
+    /// The diffusers folder (nil for a single file).
+    public let diffusersFolder: DiffusersFolder?
+    public let path: String
+    /// Canonical (single-file) key → shape.
     public let shapes: [String: [Int]]
     public let family: ModelFamily
     public let unetConfig: UNetConfig
@@ -71,21 +79,32 @@ public struct SDXLCheckpoint {
     public let textLConfig: CLIPTextConfig?
     public let textGConfig: CLIPTextConfig?
 
-    public var path: String { file.path }
-
-    /// Opens and identifies `path`. Files of other families are refused by name. `headDim`/`normGroups`
-    /// override what shapes cannot tell (default: the file's lora_dist metadata, else SDXL's 64 and 32).
+    /// Opens and identifies `path`: a .safetensors file, or a diffusers folder (a directory: see
+    /// `DiffusersFolder`). Other families are refused by name. `headDim`/`normGroups` override what shapes
+    /// cannot tell (default: the file's lora_dist metadata or the folder's unet/config.json, else SDXL's 64 and 32).
     public init(path: String, headDim: Int? = nil, normGroups: Int? = nil) throws {
-        file = try SafeTensorsFile(path: path)
-        let shapes = file.shapes
-        self.shapes = shapes
+        self.path = path
+        let metaHead: Int?, metaGroups: Int?, vaeScale: Float?
+        if DiffusersFolder.isFolder(path) {
+            let folder = try DiffusersFolder(path: path)
+            (source, file, diffusersFolder) = (folder, nil, folder)
+            (shapes, metaHead, metaGroups, vaeScale) = (folder.shapes, folder.unetHeadDim, folder.unetNormGroups, folder.vaeScalingFactor)
+        } else {
+            let file = try SafeTensorsFile(path: path)
+            (source, self.file, diffusersFolder) = (file, file, nil)
+            shapes = file.shapes
+            metaHead = file.metadata[SDXLPreset.headDimKey].flatMap { Int($0) }
+            metaGroups = file.metadata[SDXLPreset.normGroupsKey].flatMap { Int($0) }
+            vaeScale = nil
+        }
+        let shapes = self.shapes
         family = ModelFamily.detect(shapes)
         try ModelFamily.requireSDXL(shapes, file: path)
-        let head = headDim ?? file.metadata[SDXLPreset.headDimKey].flatMap { Int($0) } ?? 64
-        let groups = normGroups ?? file.metadata[SDXLPreset.normGroupsKey].flatMap { Int($0) } ?? 32
-        unetConfig = try UNetConfig.infer(shapes: shapes, headDim: head, normGroups: groups)
+        unetConfig = try UNetConfig.infer(shapes: shapes, headDim: headDim ?? metaHead ?? 64, normGroups: normGroups ?? metaGroups ?? 32)
         let has = { (prefix: String) in shapes.keys.contains { $0.hasPrefix(prefix + ".") } }
-        vaeConfig = has(Self.vaePrefix) ? try VAEConfig.infer(shapes: shapes) : nil
+        var vae = has(Self.vaePrefix) ? try VAEConfig.infer(shapes: shapes) : nil
+        if let vaeScale { vae?.scalingFactor = vaeScale }
+        vaeConfig = vae
         textLConfig = has(CLIPTextEncoderL.keyPrefix) ? try CLIPTextConfig.inferL(shapes: shapes) : nil
         textGConfig = has(OpenCLIPTextEncoderG.keyPrefix) ? try CLIPTextConfig.inferG(shapes: shapes) : nil
     }
@@ -98,33 +117,46 @@ public struct SDXLCheckpoint {
         }.sorted()
     }
 
-    private func missing(_ what: String) -> Error {
-        SafeTensorsError(path: path, problem: "has no \(what) weights (a UNet-only or partial file?)")
+    private func missing(_ what: String, _ component: DiffusersComponent) -> Error {
+        guard diffusersFolder != nil else {
+            return SafeTensorsError(path: path, problem: "has no \(what) weights (a UNet-only or partial file?)")
+        }
+        let stem = "\(component.rawValue)/\(component.weightsStem)"
+        return DiffusersFolderError(description: "\(path): diffusers folder without \(what) weights: no \(stem).safetensors (nor .fp16.safetensors)")
+    }
+
+    /// The strict check, with a folder's keys named as they are in the folder too.
+    private func finish(_ binder: WeightBinder, _ prefixes: [String], ignorable: (String) -> Bool = { _ in false }) throws {
+        do {
+            try binder.finish(checkingUnusedUnder: prefixes, ignorable: ignorable)
+        } catch let e as WeightLoadError {
+            throw diffusersFolder?.annotate(e) ?? e
+        }
     }
 
     public func unet() throws -> UNet {
-        let binder = WeightBinder(file)
+        let binder = WeightBinder(source)
         let model = UNet(binder.scope(Self.unetPrefix), config: unetConfig)
-        try binder.finish(checkingUnusedUnder: [Self.unetPrefix + "."])
+        try finish(binder, [Self.unetPrefix + "."])
         return model
     }
 
     public func vae() throws -> VAE {
-        guard let config = vaeConfig else { throw missing("VAE (first_stage_model.*)") }
-        let binder = WeightBinder(file)
+        guard let config = vaeConfig else { throw missing("VAE (first_stage_model.*)", .vae) }
+        let binder = WeightBinder(source)
         let model = VAE(binder.scope(Self.vaePrefix), config: config)
-        try binder.finish(checkingUnusedUnder: [Self.vaePrefix + "."])
+        try finish(binder, [Self.vaePrefix + "."])
         return model
     }
 
     public func textEncoders(pooledProjection: OpenCLIPTextEncoderG.PooledProjection = .openCLIP) throws
         -> (l: CLIPTextEncoderL, g: OpenCLIPTextEncoderG) {
-        guard let lc = textLConfig else { throw missing("CLIP-L text encoder (conditioner.embedders.0.*)") }
-        guard let gc = textGConfig else { throw missing("OpenCLIP bigG text encoder (conditioner.embedders.1.*)") }
-        let binder = WeightBinder(file)
+        guard let lc = textLConfig else { throw missing("CLIP-L text encoder (conditioner.embedders.0.*)", .textEncoder) }
+        guard let gc = textGConfig else { throw missing("OpenCLIP bigG text encoder (conditioner.embedders.1.*)", .textEncoder2) }
+        let binder = WeightBinder(source)
         let l = CLIPTextEncoderL(binder.scope(CLIPTextEncoderL.keyPrefix), config: lc)
         let g = OpenCLIPTextEncoderG(binder.scope(OpenCLIPTextEncoderG.keyPrefix), config: gc, pooledProjection: pooledProjection)
-        try binder.finish(checkingUnusedUnder: [CLIPTextEncoderL.keyPrefix + ".", OpenCLIPTextEncoderG.keyPrefix + "."]) {
+        try finish(binder, [CLIPTextEncoderL.keyPrefix + ".", OpenCLIPTextEncoderG.keyPrefix + "."]) {
             CLIPTextEncoderL.isIgnorable($0) || OpenCLIPTextEncoderG.isIgnorable($0)
         }
         return (l, g)
