@@ -51,12 +51,26 @@ struct MakeModel: ParsableCommand {
 
 struct Inspect: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show what a safetensors file holds: family, inferred configuration, dtypes, sizes, metadata.")
+        abstract: "Show what a safetensors file (or diffusers SDXL folder) holds: family, inferred configuration, dtypes, sizes, metadata.")
 
-    @Argument(help: "A .safetensors file.") var file: String
+    @Argument(help: "A .safetensors file, or a diffusers SDXL folder.") var file: String
 
     func run() throws {
         try reporting {
+            if DiffusersFolder.isFolder(file) {
+                let ckpt = try SDXLCheckpoint(path: file)
+                let folder = ckpt.diffusersFolder!
+                print("folder:   \(file) (diffusers folder, read in the single-file key space)")
+                for c in DiffusersComponent.allCases {
+                    print("  \(c.rawValue):".padding(toLength: 20, withPad: " ", startingAt: 0) + (folder.files[c]?.joined(separator: ", ") ?? "absent"))
+                }
+                print("tensors:  \(folder.shapes.count)")
+                print("family:   \(ckpt.family)")
+                printConfiguration(ckpt)
+                let unmapped = folder.unmappedKeys
+                if !unmapped.isEmpty { print("unmapped diffusers keys (no SDXL tensor corresponds): " + unmapped.prefix(10).joined(separator: ", ") + (unmapped.count > 10 ? " …" : "")) }
+                return
+            }
             let f = try SafeTensorsFile(path: file)
             let shapes = f.shapes
             var dtypes: [String: (count: Int, bytes: Int)] = [:]
@@ -68,10 +82,7 @@ struct Inspect: ParsableCommand {
             print("family:   \(family)")
             if family.isSDXL {
                 let ckpt = try SDXLCheckpoint(path: file)
-                print("unet:     \(ckpt.unetConfig)")
-                if let v = ckpt.vaeConfig { print("vae:      channels \(v.baseChannels)×\(v.channelMult), \(v.resBlocks) res blocks, z \(v.zChannels), scale \(v.scalingFactor)") }
-                if let l = ckpt.textLConfig { print("clip-l:   width \(l.width), \(l.layers) layers, \(l.heads) heads, vocab \(l.vocab)") }
-                if let g = ckpt.textGConfig { print("clip-g:   width \(g.width), \(g.layers) layers, \(g.heads) heads, projection \(g.projection ?? 0), vocab \(g.vocab)") }
+                printConfiguration(ckpt)
                 let unknown = ckpt.unknownTopLevelKeys
                 if !unknown.isEmpty { print("unknown keys (not loaded by any network): " + unknown.prefix(10).joined(separator: ", ") + (unknown.count > 10 ? " …" : "")) }
             }
@@ -82,6 +93,15 @@ struct Inspect: ParsableCommand {
                 }
             }
         }
+    }
+}
+
+extension Inspect {
+    func printConfiguration(_ ckpt: SDXLCheckpoint) {
+        print("unet:     \(ckpt.unetConfig)")
+        if let v = ckpt.vaeConfig { print("vae:      channels \(v.baseChannels)×\(v.channelMult), \(v.resBlocks) res blocks, z \(v.zChannels), scale \(v.scalingFactor)") }
+        if let l = ckpt.textLConfig { print("clip-l:   width \(l.width), \(l.layers) layers, \(l.heads) heads, vocab \(l.vocab)") }
+        if let g = ckpt.textGConfig { print("clip-g:   width \(g.width), \(g.layers) layers, \(g.heads) heads, projection \(g.projection ?? 0), vocab \(g.vocab)") }
     }
 }
 
