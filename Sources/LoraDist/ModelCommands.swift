@@ -27,6 +27,7 @@ struct MakeModel: ParsableCommand {
     @Option(help: "Random seed.") var seed: UInt64 = 0
     @Option(help: "Storage dtype: fp16, bf16 or fp32.") var dtype: String = "fp16"
     @Option(help: "Output .safetensors file.") var out: String
+    @Flag(help: "Write only the UNet (model.diffusion_model.*), e.g. for the UNet benchmark.") var unetOnly = false
 
     func validate() throws {
         guard SDXLPreset.named(preset) != nil else { throw ValidationError("--preset must be tiny or sdxl (got '\(preset)')") }
@@ -39,12 +40,19 @@ struct MakeModel: ParsableCommand {
         let p = SDXLPreset.named(preset)!
         let dt: DType = dtype == "fp16" ? .f16 : dtype == "bf16" ? .bf16 : .f32
         try reporting {
-            let tensors = p.randomWeights(seed: seed, dtype: dt)
+            let tensors: [String: Tensor]
+            if unetOnly {   // the same UNet tensors randomWeights makes (RandomWeights depends on seed and key only)
+                let binder = WeightBinder(RandomWeights(seed: seed, dtype: dt))
+                _ = UNet(binder.scope(SDXLCheckpoint.unetPrefix), config: p.unet)
+                tensors = Dictionary(uniqueKeysWithValues: binder.bound.map { ($0.key, $0.tensor) })
+            } else {
+                tensors = p.randomWeights(seed: seed, dtype: dt)
+            }
             var meta = p.metadata
             meta["lora_dist.seed"] = String(seed)
             try writeSafeTensors(tensors, metadata: meta, to: out)
             let params = tensors.values.reduce(0) { $0 + $1.count }
-            print("wrote \(out): \(p.name) preset, \(tensors.count) tensors, \(params) parameters, \(dtype)")
+            print("wrote \(out): \(p.name) preset\(unetOnly ? " (UNet only)" : ""), \(tensors.count) tensors, \(params) parameters, \(dtype)")
         }
     }
 }
