@@ -65,6 +65,10 @@ public enum Evaluate {
             throw InputError(description: "max token length \(maxTokenLength): use 75, 150 or 225 (as kohya's max_token_length)")
         }
         let (l, g) = try ckpt.textEncoders()
+        for (tokenizer, config, name) in [(tokenizers.0, l.config, "CLIP-L"), (tokenizers.1, g.config, "bigG")]
+        where tokenizer.vocabularySize > config.vocab {
+            throw InputError(description: "\(ckpt.path): the \(name) text encoder has a \(config.vocab)-token vocabulary, the CLIP tokenizer produces ids up to \(tokenizer.vocabularySize - 1)")
+        }
         let idsL = prompts.map { tokenizers.0.chunks($0, maxTokenLength: maxTokenLength) }
         let idsG = prompts.map { tokenizers.1.chunks($0, maxTokenLength: maxTokenLength) }
         let t = Tape(recording: false)
