@@ -73,6 +73,8 @@ let package = Package(
             name: "UNetBench", dependencies: ["SDXL", "Tensor", "SafeTensors"], path: "bench/UNetBench",
             swiftSettings: kernelFlags),
 
+        .executableTarget(name: "MPIHarness", dependencies: ["Distributed"], path: "Tests/MPIHarness"),
+
         .testTarget(
             name: "TensorTests", dependencies: ["Tensor", "SafeTensors"], path: "Tests/TensorTests"),
         .testTarget(name: "SDXLTests", dependencies: ["SDXL", "Tensor", "SafeTensors"], path: "Tests/SDXLTests"),
