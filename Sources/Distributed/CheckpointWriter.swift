@@ -1,0 +1,201 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+public struct CheckpointError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// A complete state file found in an output directory.
+public struct StateFile: Equatable, Sendable {
+    public let step: Int
+    public let url: URL
+}
+
+/// Rank 0's resumable states, written atomically into the output directory.
+///
+/// Only the rank constructed with `rank == 0` touches the directory; on every other rank each method is a
+/// no-op (returns nil), so shared filesystems see one writer. A state is written as
+///   `<dir>/.state-<step>.tmp-<pid>`  (same directory, so the rename cannot cross filesystems)
+///   → fsync(file) → rename to `<dir>/state-<step, 8 digits>.ldstate` → fsync(dir)
+/// so after a crash at any point the directory holds complete `state-*.ldstate` files plus at most a hidden
+/// temporary, which `newestState` ignores and the next writer removes. After a new state is durable the
+/// oldest complete ones beyond `keep` are deleted (never before: a crash mid-write leaves the previous one).
+public final class CheckpointWriter {
+    public let directory: URL
+    public let isWriter: Bool
+    /// Write every `every` steps (0 = only when asked: at a stop and at the end).
+    public let every: Int
+    /// Complete states kept (the newest `keep`); at least 1.
+    public let keep: Int
+    public private(set) var lastWrittenStep: Int?
+
+    static let prefix = "state-"
+    static let suffix = ".ldstate"
+    static let tempPrefix = ".state-"
+
+    public init(directory: URL, rank: Int, every: Int, keep: Int = 2) throws {
+        guard every >= 0 else { throw CheckpointError("checkpoint cadence must be 0 (only at stop/end) or a positive step count (got \(every))") }
+        guard keep >= 1 else { throw CheckpointError("checkpoints to keep must be at least 1 (got \(keep))") }
+        self.directory = directory; self.isWriter = rank == 0; self.every = every; self.keep = keep
+        guard isWriter else { return }
+        do {
+            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        } catch {
+            throw CheckpointError("cannot create the output directory \(directory.path): \(error.localizedDescription)")
+        }
+        // Temporaries left by a writer that died mid-write: never complete, safe to drop (one writer per directory).
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? []
+        where name.hasPrefix(Self.tempPrefix) && name.contains(".tmp-") {
+            try? FileManager.default.removeItem(at: directory.appendingPathComponent(name))
+        }
+    }
+
+    /// True when the cadence asks for a state after `step` (steps count from 1).
+    public func isDue(step: Int) -> Bool { every > 0 && step > 0 && step % every == 0 }
+
+    public static func fileName(step: Int) -> String { prefix + String(format: "%08d", step) + suffix }
+
+    /// Writes the state of `step` through `body`, which must write the complete file at the path it is given
+    /// (a temporary in the output directory). Returns the final URL on rank 0, nil elsewhere.
+    @discardableResult
+    public func write(step: Int, _ body: (URL) throws -> Void) throws -> URL? {
+        guard isWriter else { return nil }
+        guard step >= 0 else { throw CheckpointError("state step must be non-negative (got \(step))") }
+        let temp = directory.appendingPathComponent("\(Self.tempPrefix)\(String(format: "%08d", step)).tmp-\(getpid())")
+        let final = directory.appendingPathComponent(Self.fileName(step: step))
+        do {
+            try body(temp)
+            guard FileManager.default.fileExists(atPath: temp.path) else {
+                throw CheckpointError("the state writer for step \(step) did not create \(temp.path)")
+            }
+            try Self.fsyncPath(temp, directory: false)
+            guard rename(temp.path, final.path) == 0 else {
+                throw CheckpointError("rename \(temp.path) → \(final.path) failed: \(String(cString: strerror(errno)))")
+            }
+        } catch {
+            try? FileManager.default.removeItem(at: temp)
+            throw error
+        }
+        try Self.fsyncPath(directory, directory: true)
+        lastWrittenStep = step
+        try prune()
+        return final
+    }
+
+    /// Writes named blobs as one state file (format in `StateBlobs`).
+    @discardableResult
+    public func write(step: Int, blobs: [(name: String, bytes: [UInt8])]) throws -> URL? {
+        guard isWriter else { return nil }
+        let data = try StateBlobs.encode(blobs)
+        return try write(step: step) { url in
+            guard FileManager.default.createFile(atPath: url.path, contents: data) else {
+                throw CheckpointError("cannot write \(url.path): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
+    /// Deletes complete states older than the newest `keep`, then makes the deletions durable.
+    func prune() throws {
+        let states = try Self.completeStates(in: directory)
+        guard states.count > keep else { return }
+        for old in states.dropLast(keep) { try? FileManager.default.removeItem(at: old.url) }
+        try Self.fsyncPath(directory, directory: true)
+    }
+
+    /// Complete states in `directory`, oldest first. Temporaries (hidden `.state-*.tmp-*`) and unrelated files
+    /// are ignored. A missing directory has none.
+    public static func completeStates(in directory: URL) throws -> [StateFile] {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory.path) else { return [] }
+        return names.compactMap { name -> StateFile? in
+            guard name.hasPrefix(prefix), name.hasSuffix(suffix) else { return nil }
+            let digits = name.dropFirst(prefix.count).dropLast(suffix.count)
+            guard !digits.isEmpty, digits.allSatisfy(\.isASCII), digits.allSatisfy(\.isNumber), let step = Int(digits) else { return nil }
+            return StateFile(step: step, url: directory.appendingPathComponent(name))
+        }.sorted { $0.step < $1.step }
+    }
+
+    /// The state to resume from: the complete one with the highest step, or nil when there is none.
+    public static func newestState(in directory: URL) throws -> StateFile? {
+        try completeStates(in: directory).last
+    }
+
+    static func fsyncPath(_ url: URL, directory: Bool) throws {
+        let fd = open(url.path, directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY)
+        guard fd >= 0 else { throw CheckpointError("cannot open \(url.path) to fsync it: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw CheckpointError("fsync \(url.path) failed: \(String(cString: strerror(errno)))") }
+    }
+}
+
+/// A simple named-blob container for states (little-endian):
+///   "LDSTATE1" | u32 count | count × (u32 nameLength | name UTF-8 | u64 byteCount | bytes) | u64 FNV-1a of all before
+/// The trailing hash makes a truncated or corrupted file an error at resume, not garbage weights.
+public enum StateBlobs {
+    static let magic = Array("LDSTATE1".utf8)
+
+    public static func encode(_ blobs: [(name: String, bytes: [UInt8])]) throws -> Data {
+        var out = magic
+        var seen = Set<String>()
+        appendLE(&out, UInt64(UInt32(blobs.count)), bytes: 4)
+        for (name, bytes) in blobs {
+            guard !name.isEmpty, seen.insert(name).inserted else {
+                throw CheckpointError("state blob names must be unique and non-empty (got \"\(name)\" twice or empty)")
+            }
+            let n = Array(name.utf8)
+            appendLE(&out, UInt64(n.count), bytes: 4)
+            out += n
+            appendLE(&out, UInt64(bytes.count), bytes: 8)
+            out += bytes
+        }
+        appendLE(&out, fnv1a(out), bytes: 8)
+        return Data(out)
+    }
+
+    public static func decode(_ data: Data, source: String = "state") throws -> [String: [UInt8]] {
+        let b = [UInt8](data)
+        func bad(_ why: String) -> CheckpointError {
+            CheckpointError("\(source) is not a complete lora-dist state (\(why)); resume from an older state file")
+        }
+        guard b.count >= magic.count + 4 + 8, Array(b[0..<magic.count]) == magic else { throw bad("bad header") }
+        let body = b.count - 8
+        guard readLE(b, body, 8) == fnv1a(b[0..<body]) else { throw bad("checksum mismatch: truncated or corrupted") }
+        var at = magic.count
+        let count = Int(readLE(b, at, 4)); at += 4
+        var out: [String: [UInt8]] = [:]
+        for _ in 0..<count {
+            guard at + 4 <= body else { throw bad("truncated entry") }
+            let n = Int(readLE(b, at, 4)); at += 4
+            guard at + n + 8 <= body else { throw bad("truncated name") }
+            let name = String(decoding: b[at..<at + n], as: UTF8.self); at += n
+            let len = readLE(b, at, 8); at += 8
+            guard len <= UInt64(body - at) else { throw bad("truncated blob \(name)") }
+            out[name] = Array(b[at..<at + Int(len)]); at += Int(len)
+        }
+        guard at == body else { throw bad("trailing bytes") }
+        return out
+    }
+
+    public static func read(_ url: URL) throws -> [String: [UInt8]] {
+        try decode(try Data(contentsOf: url), source: url.path)
+    }
+
+    static func appendLE(_ out: inout [UInt8], _ v: UInt64, bytes: Int) {
+        for i in 0..<bytes { out.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(i)))) }
+    }
+    static func readLE(_ b: [UInt8], _ at: Int, _ bytes: Int) -> UInt64 {
+        var v: UInt64 = 0
+        for i in 0..<bytes { v |= UInt64(b[at + i]) << (8 * UInt64(i)) }
+        return v
+    }
+    static func fnv1a<C: Collection>(_ bytes: C) -> UInt64 where C.Element == UInt8 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for x in bytes { h = (h ^ UInt64(x)) &* 0x0000_0100_0000_01b3 }
+        return h
+    }
+}
