@@ -34,13 +34,8 @@ struct EngineOptions: ParsableArguments {
         Threads.set(threads ?? EngineOptions.defaultThreads())
     }
 
-    /// Cores on this node / ranks on this node (Open MPI tells the local rank count).
-    static func defaultThreads() -> Int {
-        let cores = ProcessInfo.processInfo.activeProcessorCount
-        let env = ProcessInfo.processInfo.environment
-        let local = Int(env["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? env["MPI_LOCALNRANKS"] ?? env["SLURM_NTASKS_PER_NODE"] ?? "") ?? 1
-        return max(1, cores / max(local, 1))
-    }
+    /// Cores on this node / ranks on this node (the launcher tells the local rank count).
+    static func defaultThreads() -> Int { Launch.defaultThreadsPerRank() }
 }
 
 struct Info: ParsableCommand {
