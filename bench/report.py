@@ -501,13 +501,15 @@ def write_results(runner, path, started, load_before, load_after, wall):
         L += [f"- {e}" for e in runner.errors]
     L.append("")
     L.append(f"Raw samples: bench/out/raw.jsonl (not committed). Run started {started}.")
-    # The SDXL UNet section (bench/unet_report.py) is another program's: keep it as it is.
+    # The SDXL UNet section (bench/unet_report.py) and the gradient all-reduce section
+    # (bench/allreduce/report.py) are other programs': keep them as they are, in that order.
     kept = ""
     if os.path.exists(path):
         old = open(path).read()
-        begin, end = "<!-- unet-bench:begin -->", "<!-- unet-bench:end -->"
-        if begin in old and end in old:
-            kept = "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
+        for begin, end in [("<!-- unet-bench:begin -->", "<!-- unet-bench:end -->"),
+                           ("<!-- allreduce-bench:begin -->", "<!-- allreduce-bench:end -->")]:
+            if begin in old and end in old:
+                kept += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n" + kept)
 

@@ -26,19 +26,20 @@ public enum WireFormat: String, CaseIterable, Sendable {
 /// - `.allGather`: every rank's compressed contribution goes to every rank (MPI_Allgatherv); each rank
 ///   decodes all of them and sums in rank order 0, 1, …, size−1. The bf16 format sends bf16 here (half the
 ///   bytes before zstd); the receiver applies the sender's sample count.
-/// - `.auto`: see `Algorithm.resolved` (measured in bench/allreduce, rule documented there and in RESULTS.md).
+/// - `.auto`: the ring (see `Algorithm.resolved` for the measurements behind the rule).
 public final class GradientAllReduce {
     public enum Algorithm: String, CaseIterable, Sendable {
         case ring, allGather, auto
 
-        /// The rule behind `.auto`, from bench/RESULTS.md "Gradient all-reduce" (2 and 3 ranks, loopback):
-        /// all-gather moves (size−1)·B bytes into each rank against the ring's 2(size−1)/size·B, but makes
-        /// one compression pass instead of 2(size−1), and with bf16 sends half the bytes before zstd. For
-        /// small worlds (≤ 3 ranks) and bf16 it wins; past that the ring's flat per-rank traffic wins.
+        /// The rule behind `.auto`: always the ring. Measured (bench/RESULTS.md "Gradient all-reduce",
+        /// 42.6 M floats, np = 2 and 3, loopback and tc-shaped 10/1 Gbit/s links): all-gather compresses
+        /// the whole buffer once but every rank then decodes and adds (size−1) full buffers and receives
+        /// (size−1)·B bytes, against the ring's 2(size−1)/size·B with the compression work spread over
+        /// pieces that overlap the sends; on this 2-core machine compression time dominates and the ring was
+        /// faster in every measured case, bf16 included (where all-gather sends bf16 rather than partial
+        /// sums in fp32). All-gather stays selectable for hosts where the link, not the CPU, is the limit.
         public func resolved(format: WireFormat, worldSize: Int) -> Algorithm {
-            guard self == .auto else { return self }
-            if worldSize <= 2 { return .allGather }
-            return format == .bf16 && worldSize <= 3 ? .allGather : .ring
+            self == .auto ? .ring : self
         }
     }
 
@@ -116,12 +117,18 @@ public final class GradientAllReduce {
         var bf16Bits: [UInt16] = []
         if format == .bf16 {
             bf16Bits = [UInt16](repeating: 0, count: count)
+            // The residual is moved into a local for the loop: element access through a class property
+            // costs a dynamic exclusivity check per element, on a 42.6 M-float loop.
+            var e = residual
+            residual = []
+            defer { residual = e }
+            let feedback = errorFeedback
             for i in 0..<count {
-                let t = errorFeedback ? buffer[i] + residual[i] : buffer[i]
+                let t = feedback ? buffer[i] + e[i] : buffer[i]
                 let q = ByteGrouping.bfloat16(t)
                 bf16Bits[i] = q
                 let qf = ByteGrouping.float(fromBFloat16: q)
-                if errorFeedback { residual[i] = t - qf }
+                if feedback { e[i] = t - qf }
                 buffer[i] = weight * qf
             }
         } else {
@@ -249,6 +256,13 @@ public final class GradientAllReduce {
             let all = try communicator.allGather(mine)
             var acc = [Float](repeating: 0, count: p.count)
             for (q, bytes) in all.enumerated() {
+                // This rank's own term is already in `buffer` (s·q for bf16, s·g for fp32): the frame is
+                // lossless, so decoding it would give the same bits; skip the work.
+                if q == communicator.rank {
+                    if q == 0 { for (k, i) in p.enumerated() { acc[k] = buffer[i] } }
+                    else { for (k, i) in p.enumerated() { acc[k] = acc[k] + buffer[i] } }
+                    continue
+                }
                 let (vals, s) = try unframe(bytes, count: p.count)
                 if format == .bf16 {
                     let w = Float(s)
