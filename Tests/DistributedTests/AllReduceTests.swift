@@ -41,12 +41,17 @@ final class AllReduceTests: XCTestCase {
         throw XCTSkip("mpirun not on PATH: install openmpi-bin")
     }
 
-    func runHarness(np: Int) throws {
+    /// np = nil: the harness alone, with no launcher (an MPI singleton: world of one).
+    func runHarness(np: Int?) throws {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: try mpirun())
-        process.arguments = ["-np", "\(np)", "--oversubscribe", try harness().path, "check"]
-        // This test process may itself be an MPI singleton (MPITests): its OMPI_/PMIX_ variables would make
-        // mpirun think it runs inside a job. Drop them.
+        if let np {
+            process.executableURL = URL(fileURLWithPath: try mpirun())
+            process.arguments = ["-np", "\(np)", "--oversubscribe", try harness().path, "check"]
+        } else {
+            process.executableURL = try harness()
+            process.arguments = ["check"]
+        }
+        // Never inherit a launcher's OMPI_/PMIX_ variables (e.g. when the suite itself runs under mpirun).
         var env = ProcessInfo.processInfo.environment.filter {
             !["OMPI_", "PMIX_", "ORTE_", "OPAL_"].contains(where: $0.key.hasPrefix)
         }
@@ -64,10 +69,13 @@ final class AllReduceTests: XCTestCase {
         let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         process.waitUntilExit()
         watchdog.cancel()
-        XCTAssertEqual(process.terminationStatus, 0, "mpirun -np \(np) MPIHarness check failed:\n\(output)")
-        XCTAssertTrue(output.contains("OK np=\(np) "), "no OK line from the harness:\n\(output)")
+        XCTAssertEqual(process.terminationStatus, 0, "mpirun -np \(np ?? 1) MPIHarness check failed:\n\(output)")
+        XCTAssertTrue(output.contains("OK np=\(np ?? 1) "), "no OK line from the harness:\n\(output)")
     }
 
+    /// No launcher: MPI initialises as a singleton, world of one. (Run as a child process: MPI_Init in the
+    /// test process would leave OMPI_/PMIX_ variables that confuse every mpirun the later tests start.)
+    func testSingletonWithoutLauncher() throws { try runHarness(np: nil) }
     func testOneRank() throws { try runHarness(np: 1) }
     func testTwoRanks() throws { try runHarness(np: 2) }
     func testThreeRanks() throws { try runHarness(np: 3) }
