@@ -42,14 +42,14 @@ final class AllReduceTests: XCTestCase {
     }
 
     /// np = nil: the harness alone, with no launcher (an MPI singleton: world of one).
-    func runHarness(np: Int?) throws {
+    func runHarness(np: Int?, mode: String = "check") throws {
         let process = Process()
         if let np {
             process.executableURL = URL(fileURLWithPath: try mpirun())
-            process.arguments = ["-np", "\(np)", "--oversubscribe", try harness().path, "check"]
+            process.arguments = ["-np", "\(np)", "--oversubscribe", try harness().path, mode]
         } else {
             process.executableURL = try harness()
-            process.arguments = ["check"]
+            process.arguments = [mode]
         }
         // Never inherit a launcher's OMPI_/PMIX_ variables (e.g. when the suite itself runs under mpirun).
         var env = ProcessInfo.processInfo.environment.filter {
@@ -69,7 +69,7 @@ final class AllReduceTests: XCTestCase {
         let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         process.waitUntilExit()
         watchdog.cancel()
-        XCTAssertEqual(process.terminationStatus, 0, "mpirun -np \(np ?? 1) MPIHarness check failed:\n\(output)")
+        XCTAssertEqual(process.terminationStatus, 0, "mpirun -np \(np ?? 1) MPIHarness \(mode) failed:\n\(output)")
         XCTAssertTrue(output.contains("OK np=\(np ?? 1) "), "no OK line from the harness:\n\(output)")
     }
 
@@ -77,6 +77,10 @@ final class AllReduceTests: XCTestCase {
     /// test process would leave OMPI_/PMIX_ variables that confuse every mpirun the later tests start.)
     func testSingletonWithoutLauncher() throws { try runHarness(np: nil) }
     func testOneRank() throws { try runHarness(np: 1) }
+
+    /// ParameterSync at np = 3: rank 0's initial parameters reach every rank; the hash check passes on equal
+    /// parameters and, with one rank one ulp off, stops every rank naming it.
+    func testParameterBroadcastAndDivergenceCheck() throws { try runHarness(np: 3, mode: "sync") }
     func testTwoRanks() throws { try runHarness(np: 2) }
     func testThreeRanks() throws { try runHarness(np: 3) }
 

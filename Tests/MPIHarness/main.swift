@@ -200,6 +200,29 @@ func runBench(_ comm: MPICommunicator, floats: Int, reps: Int, level: Int32) thr
     }
 }
 
+/// ParameterSync: rank 0's values reach every rank; identical values pass the divergence check; one rank
+/// off by one ulp makes every rank throw, naming that rank.
+func runSyncChecks(_ comm: MPICommunicator) throws {
+    let sync = ParameterSync(communicator: comm, every: 5)
+    var values = (0..<1001).map { Float($0 * (comm.rank + 1)) * 0.37 }
+    try sync.broadcastFromRankZero(&values)
+    let expected = (0..<1001).map { Float($0) * 0.37 }
+    guard values.map(\.bitPattern) == expected.map(\.bitPattern) else { fail("broadcast did not deliver rank 0's values", comm.rank) }
+    try sync.check(values, step: 5)
+    try sync.check([Float.nan], step: 7)                 // not a check step: no collective, no error
+    if comm.size > 1 {
+        var off = values
+        if comm.rank == comm.size - 1 { off[500] = off[500].nextUp }
+        do {
+            try sync.check(off, step: 10)
+            fail("divergence not detected", comm.rank)
+        } catch let e as ParameterSync.Diverged {
+            guard "\(e)".contains("rank(s) \(comm.size - 1) ") else { fail("wrong rank named: \(e)", comm.rank) }
+        }
+    }
+    print("SYNC OK np=\(comm.size) rank=\(comm.rank)")
+}
+
 let args = CommandLine.arguments
 let comm = try MPICommunicator()
 func option(_ name: String, _ fallback: Int) -> Int {
@@ -209,9 +232,10 @@ func option(_ name: String, _ fallback: Int) -> Int {
 do {
     switch args.count > 1 ? args[1] : "" {
     case "check": try runChecks(comm)
+    case "sync": try runSyncChecks(comm)
     case "bench": try runBench(comm, floats: option("--floats", 1 << 20), reps: option("--reps", 3), level: Int32(option("--level", 1)))
     default:
-        FileHandle.standardError.write("usage: MPIHarness check | bench --floats N --reps R [--level L]\n".data(using: .utf8)!)
+        FileHandle.standardError.write("usage: MPIHarness check | sync | bench --floats N --reps R [--level L]\n".data(using: .utf8)!)
         exit(2)
     }
 } catch {
