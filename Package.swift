@@ -39,6 +39,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
         // Thin C shims: each is imported by exactly one Swift file.
@@ -58,6 +59,8 @@ let package = Package(
             name: "Distributed",
             dependencies: ["CMPI", "CZstd", .product(name: "Logging", package: "swift-log")],
             path: "Sources/Distributed"),
+        .target(
+            name: "Dataset", dependencies: [.product(name: "TOMLKit", package: "TOMLKit")], path: "Sources/Dataset"),
         .executableTarget(
             name: "LoraDist",
             dependencies: [
@@ -78,6 +81,7 @@ let package = Package(
         .testTarget(
             name: "TensorTests", dependencies: ["Tensor", "SafeTensors"], path: "Tests/TensorTests"),
         .testTarget(name: "SDXLTests", dependencies: ["SDXL", "Tensor", "SafeTensors"], path: "Tests/SDXLTests"),
+        .testTarget(name: "DatasetTests", dependencies: ["Dataset"], path: "Tests/DatasetTests"),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"], path: "Tests/SafeTensorsTests"),
         .testTarget(name: "DistributedTests", dependencies: ["Distributed"], path: "Tests/DistributedTests"),
     ],
