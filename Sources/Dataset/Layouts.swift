@@ -1,0 +1,170 @@
+import Foundation
+
+/// One training image found on disk, with its caption (or the class-token fallback).
+public struct DatasetImage: Equatable, Sendable {
+    public let path: String
+    /// The caption file read, nil when none was usable.
+    public let captionPath: String?
+    /// The caption text (first line, stripped, as kohya's `read_caption`), nil when none was usable.
+    public let caption: String?
+    /// The subset's class token, used when `caption` is nil.
+    public let classToken: String?
+    public let repeats: Int
+    /// Index into `DatasetConfig.subsets`.
+    public let subset: Int
+}
+
+/// File extensions treated as images (kohya's IMAGE_EXTENSIONS in library/train_util.py, case-insensitive,
+/// without the optional .bmp/.avif/.jxl that need extra decoders).
+let imageExtensions: Set<String> = ["png", "jpg", "jpeg", "webp"]
+
+extension DatasetConfig {
+    /// Layouts 1 and 2 as a config. A folder holding images directly is an AI Toolkit flat folder (one subset,
+    /// 1 repeat, no class token); otherwise each `N_name` subfolder is a kohya DreamBooth subset with N repeats
+    /// and class token `name`, parsed as `generate_dreambooth_subsets_config_by_subdirs` does (split on "_", the
+    /// first token must be an integer, the rest joined by "_"). A subfolder without a numeric prefix, or with
+    /// N < 1, is skipped with an issue. `captionExtension` defaults to ".txt" (AI Toolkit's and what kohya users
+    /// pass; kohya's own argparse default is ".caption").
+    public static func folder(_ url: URL, captionExtension: String = ".txt", resolution: [Int]? = nil) -> DatasetConfig {
+        let fm = FileManager.default
+        var base = SubsetConfig()
+        base.captionExtension = captionExtension
+        base.resolution = resolution
+        let root = url.standardizedFileURL
+        var issues: [DatasetIssue] = []
+        guard let entries = try? fm.contentsOfDirectory(atPath: root.path) else {
+            var c = base; c.imageDir = root.path
+            return DatasetConfig(datasets: [[c]], source: root.path)   // the scan reports missing / unreadable
+        }
+        let hasImages = entries.contains { imageExtensions.contains(($0 as NSString).pathExtension.lowercased()) }
+        if hasImages {
+            var c = base; c.imageDir = root.path
+            return DatasetConfig(datasets: [[c]], source: root.path)
+        }
+        let rootReal = root.resolvingSymlinksInPath().path
+        var subsets: [SubsetConfig] = []
+        for name in entries.sorted() {
+            let p = root.appendingPathComponent(name)
+            var isDir: ObjCBool = false
+            guard fm.fileExists(atPath: p.path, isDirectory: &isDir), isDir.boolValue else { continue }
+            // A directory symlink pointing back at the root or one of its ancestors would make the dataset
+            // contain itself: skip it rather than follow the cycle.
+            let real = p.resolvingSymlinksInPath().path
+            if real == rootReal || rootReal.hasPrefix(real + "/") {
+                issues.append(DatasetIssue(path: p.path, reason: "directory symlink loop (points to \(real))"))
+                continue
+            }
+            let tokens = name.split(separator: "_", omittingEmptySubsequences: false)
+            guard let n = Int(tokens[0].trimmingCharacters(in: .whitespaces)) else {
+                issues.append(DatasetIssue(path: p.path, reason: "folder name has no repeat-count prefix (expected N_name, e.g. 10_mychar)"))
+                continue
+            }
+            guard n >= 1 else {
+                issues.append(DatasetIssue(path: p.path, reason: "repeat count \(n) < 1"))
+                continue
+            }
+            var c = base
+            c.imageDir = p.path
+            c.numRepeats = n
+            c.classTokens = tokens.dropFirst().joined(separator: "_")
+            subsets.append(c)
+        }
+        if subsets.isEmpty {   // nothing to split into subsets: scan the folder itself so it reports "no images"
+            var c = base; c.imageDir = root.path; subsets = [c]
+        }
+        return DatasetConfig(datasets: [subsets], issues: issues, source: root.path)
+    }
+}
+
+/// The images and captions of a config, with every skipped file as an issue.
+public struct DatasetScan: Sendable {
+    public let images: [DatasetImage]
+    public let issues: [DatasetIssue]
+
+    /// Scans each subset's `image_dir` (not recursive, as kohya's `glob_images`), sorted by path. Throws only when
+    /// no usable image is left.
+    public static func scan(_ config: DatasetConfig) throws -> DatasetScan {
+        let fm = FileManager.default
+        var images: [DatasetImage] = []
+        var issues = config.issues
+        for (si, s) in config.subsets.enumerated() {
+            guard let dir = s.imageDir else { continue }
+            var isDir: ObjCBool = false
+            guard fm.fileExists(atPath: dir, isDirectory: &isDir) else {
+                issues.append(DatasetIssue(path: dir, reason: "folder does not exist")); continue
+            }
+            guard isDir.boolValue else { issues.append(DatasetIssue(path: dir, reason: "not a folder")); continue }
+            let names: [String]
+            do { names = try fm.contentsOfDirectory(atPath: dir) } catch {
+                issues.append(DatasetIssue(path: dir, reason: "cannot read folder: \(error.localizedDescription)")); continue
+            }
+            let imgs = names.filter { imageExtensions.contains(($0 as NSString).pathExtension.lowercased()) }
+                .map { (dir as NSString).appendingPathComponent($0) }.sorted()
+            var claimed: [String: String] = [:]   // caption path -> first image using it
+            for img in imgs {
+                // A symlink that cannot be resolved (cycle or dangling) is not an image.
+                guard let attrs = try? fm.attributesOfItem(atPath: img) else {
+                    let dest = (try? fm.destinationOfSymbolicLink(atPath: img)) != nil
+                    issues.append(DatasetIssue(path: img, reason: dest ? "symlink loop or dangling symlink" : "cannot read file"))
+                    continue
+                }
+                var resolvedType = attrs[.type] as? FileAttributeType
+                var size = (attrs[.size] as? NSNumber)?.intValue ?? 0
+                if resolvedType == .typeSymbolicLink {
+                    // attributesOfItem does not follow links: stat the target (fails with ELOOP on a cycle).
+                    var st = stat()
+                    if stat(img, &st) != 0 {
+                        issues.append(DatasetIssue(path: img, reason: errno == ELOOP ? "symlink loop" : "dangling symlink"))
+                        continue
+                    }
+                    resolvedType = (st.st_mode & S_IFMT) == S_IFDIR ? .typeDirectory : .typeRegular
+                    size = Int(st.st_size)
+                }
+                if resolvedType == .typeDirectory { continue }
+                if size == 0 { issues.append(DatasetIssue(path: img, reason: "empty image file (0 bytes)")); continue }
+                // kohya read_caption: base + ext, then the face-crop name with the last 4 "_" tokens removed.
+                let baseName = (img as NSString).deletingPathExtension
+                var candidates = [baseName + s.captionExtension]
+                let tokens = baseName.components(separatedBy: "_")
+                if tokens.count >= 5 { candidates.append(tokens.dropLast(4).joined(separator: "_") + s.captionExtension) }
+                var capPath: String? = nil
+                for c in candidates where fm.fileExists(atPath: c) { capPath = c; break }
+                if let cp = capPath {
+                    if let first = claimed[cp] {
+                        issues.append(DatasetIssue(path: img, reason: "shares caption \((cp as NSString).lastPathComponent) with \((first as NSString).lastPathComponent); rename one image"))
+                        continue
+                    }
+                    claimed[cp] = img
+                }
+                var caption: String? = nil
+                var usedPath: String? = nil
+                if let cp = capPath {
+                    if let data = fm.contents(atPath: cp) {
+                        if let text = String(data: data, encoding: .utf8) {
+                            let lines = text.split(separator: "\n", omittingEmptySubsequences: false).map {
+                                $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+                            let value = s.enableWildcard ? lines.filter { !$0.isEmpty }.joined(separator: "\n") : (lines.first ?? "")
+                            if value.isEmpty {
+                                issues.append(DatasetIssue(path: cp, reason: "empty caption" + (s.classTokens.map { " (using class token '\($0)')" } ?? "")))
+                            } else { caption = value; usedPath = cp }
+                        } else {
+                            issues.append(DatasetIssue(path: cp, reason: "caption is not UTF-8 text" + (s.classTokens.map { " (using class token '\($0)')" } ?? "")))
+                        }
+                    } else {
+                        issues.append(DatasetIssue(path: cp, reason: "cannot read caption file"))
+                    }
+                } else {
+                    // kohya: "No caption file found ... If class token exists, it will be used."
+                    issues.append(DatasetIssue(path: img, reason: "no caption" + (s.classTokens.map { " (using class token '\($0)')" } ?? " and no class token (empty caption)")))
+                }
+                images.append(DatasetImage(path: img, captionPath: usedPath, caption: caption, classToken: s.classTokens,
+                                           repeats: s.numRepeats, subset: si))
+            }
+        }
+        if images.isEmpty {
+            let detail = issues.isEmpty ? "" : ":\n" + issues.map { "  \($0)" }.joined(separator: "\n")
+            throw DatasetError("\(config.source): no usable image found (extensions .png .jpg .jpeg .webp)\(detail)")
+        }
+        return DatasetScan(images: images, issues: issues)
+    }
+}
