@@ -60,7 +60,7 @@ let package = Package(
             dependencies: ["CMPI", "CZstd", .product(name: "Logging", package: "swift-log")],
             path: "Sources/Distributed"),
         .target(
-            name: "Dataset", dependencies: [.product(name: "TOMLKit", package: "TOMLKit")], path: "Sources/Dataset"),
+            name: "Dataset", dependencies: ["SafeTensors", "Tensor", .product(name: "TOMLKit", package: "TOMLKit")], path: "Sources/Dataset"),
         .executableTarget(
             name: "LoraDist",
             dependencies: [
@@ -81,7 +81,7 @@ let package = Package(
         .testTarget(
             name: "TensorTests", dependencies: ["Tensor", "SafeTensors"], path: "Tests/TensorTests"),
         .testTarget(name: "SDXLTests", dependencies: ["SDXL", "Tensor", "SafeTensors"], path: "Tests/SDXLTests"),
-        .testTarget(name: "DatasetTests", dependencies: ["Dataset"], path: "Tests/DatasetTests"),
+        .testTarget(name: "DatasetTests", dependencies: ["Dataset", "SafeTensors", "Tensor"], path: "Tests/DatasetTests"),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"], path: "Tests/SafeTensorsTests"),
         .testTarget(name: "DistributedTests", dependencies: ["Distributed"], path: "Tests/DistributedTests"),
     ],
