@@ -47,6 +47,7 @@ let package = Package(
         .systemLibrary(
             name: "CMPI", path: "Sources/CMPI", pkgConfig: "ompi-c",
             providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
+        .systemLibrary(name: "CVips", path: "Sources/CVips", pkgConfig: "vips", providers: [.apt(["libvips-dev"])]),
         .target(name: "CZstd", path: "Sources/CZstd", linkerSettings: [.linkedLibrary("zstd")]),
 
         .target(name: "Tensor", dependencies: ["CBLAS"], path: "Sources/Tensor", swiftSettings: kernelFlags),
@@ -60,7 +61,7 @@ let package = Package(
             dependencies: ["CMPI", "CZstd", .product(name: "Logging", package: "swift-log")],
             path: "Sources/Distributed"),
         .target(
-            name: "Dataset", dependencies: ["SafeTensors", "Tensor", .product(name: "TOMLKit", package: "TOMLKit")], path: "Sources/Dataset"),
+            name: "Dataset", dependencies: ["CVips", "SafeTensors", "Tensor", .product(name: "TOMLKit", package: "TOMLKit")], path: "Sources/Dataset"),
         .executableTarget(
             name: "LoraDist",
             dependencies: [
