@@ -101,6 +101,28 @@ final class ImageTests: XCTestCase {
         XCTAssertNotEqual(ours.rgb, [UInt8](repeating: ours.rgb[0], count: ours.rgb.count))
     }
 
+    func testLargeDownscale() throws {
+        // A 1600x1200 smooth gradient written through writePNG, reduced 25x to 64x48 (the path vips_thumbnail
+        // takes for huge images): each output pixel is the mean of its 25x25 block, so it must sit on the
+        // gradient at the block centre.
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("imagetests-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (w, h) = (1600, 1200)
+        var rgb = [UInt8](repeating: 128, count: w * h * 3)
+        for y in 0..<h { for x in 0..<w {
+            rgb[(y * w + x) * 3] = UInt8((Double(x) * 255 / Double(w - 1)).rounded())
+            rgb[(y * w + x) * 3 + 1] = UInt8((Double(y) * 255 / Double(h - 1)).rounded())
+        } }
+        let file = dir.appendingPathComponent("big.png").path
+        try ImageIO.writePNG(rgb, width: w, height: h, to: file)
+        let small = try ImageIO.load(file, resizeTo: (64, 48), crop: (0, 0, 64, 48))
+        for j in [0, 20, 47] { for i in [0, 31, 63] {
+            let r = (Double(i) + 0.5) * 25 - 0.5, g = (Double(j) + 0.5) * 25 - 0.5
+            assertNear(pixel(small, i, j), [Int((r * 255 / 1599).rounded()), Int((g * 255 / 1199).rounded()), 128], 2, "at \(i),\(j)")
+        } }
+    }
+
     func testChwFloats() {
         let image = DecodedImage(width: 2, height: 1, rgb: [0, 255, 51, 255, 0, 102])
         let chw = image.chwFloats()
