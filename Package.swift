@@ -65,7 +65,7 @@ let package = Package(
         .executableTarget(
             name: "LoraDist",
             dependencies: [
-                "Tensor", "SafeTensors", "SDXL", "Distributed",
+                "Tensor", "SafeTensors", "SDXL", "Distributed", "Dataset",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -1,0 +1,83 @@
+import Foundation
+import XCTest
+@testable import Dataset
+
+final class DatasetReportTests: XCTestCase {
+    var root: URL!
+    override func setUpWithError() throws {
+        root = FileManager.default.temporaryDirectory.appendingPathComponent("report-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+    }
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: root) }
+
+    func png(_ rel: String, _ w: Int, _ h: Int, caption: String?) throws {
+        let u = root.appendingPathComponent(rel)
+        try FileManager.default.createDirectory(at: u.deletingLastPathComponent(), withIntermediateDirectories: true)
+        let rgb = (0..<(w * h * 3)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        try ImageIO.writePNG(rgb, width: w, height: h, to: u.path)
+        if let c = caption {
+            try c.write(to: u.deletingPathExtension().appendingPathExtension("txt"), atomically: true, encoding: .utf8)
+        }
+    }
+
+    func testFlatFolderReport() throws {
+        let sizes = [("a.png", 1024, 1024), ("b.png", 1344, 768), ("c.png", 600, 900), ("d.png", 2000, 500)]
+        try png("flat/a.png", 1024, 1024, caption: "cat, red, Sky")
+        try png("flat/b.png", 1344, 768, caption: "cat, blue")
+        try png("flat/c.png", 600, 900, caption: "dog, red, cat")
+        try png("flat/d.png", 2000, 500, caption: nil)                 // no caption: kept, counted as missing
+        try png("flat/tiny.png", 40, 30, caption: "tiny")              // smaller than the smallest bucket side
+        let corrupt = root.appendingPathComponent("flat/bad.png")
+        try Data("not a png at all".utf8).write(to: corrupt)
+        try "bad".write(to: root.appendingPathComponent("flat/bad.txt"), atomically: true, encoding: .utf8)
+
+        let cfg = DatasetReport.folderConfig(root.appendingPathComponent("flat"), resolution: 1024, batchSize: 2)
+        let r = try DatasetReport.make(cfg)
+        XCTAssertEqual(r.entries.count, 4)
+        XCTAssertEqual(Set(r.entries.map { ($0.image.path as NSString).lastPathComponent }), ["a.png", "b.png", "c.png", "d.png"])
+        XCTAssertEqual(r.missingCaptions, 1)
+        let skipped = r.issues.filter { !$0.reason.hasPrefix("no caption") }
+        XCTAssertEqual(skipped.map { ($0.path as NSString).lastPathComponent }.sorted(), ["bad.png", "tiny.png"])
+        XCTAssertTrue(r.issues.contains { $0.path.hasSuffix("d.png") && $0.reason.hasPrefix("no caption") })
+
+        // The bucket table agrees with Bucketing.choose on the same sizes.
+        let b = try Bucketing(config: BucketConfig(resolution: 1024))
+        var expected: [BucketSize: Int] = [:]
+        for (_, w, h) in sizes { expected[b.choose(width: w, height: h)!.bucket, default: 0] += 1 }
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: r.buckets.map { ($0.bucket, $0.images) }), expected)
+        XCTAssertEqual(r.buckets.map(\.samples), r.buckets.map(\.images))   // 1 repeat
+        for e in r.entries { XCTAssertEqual(e.placement, b.choose(width: e.width, height: e.height)) }
+
+        // Tags: kohya lower-cases and strips; "cat" on 3 captions, "red" on 2.
+        XCTAssertEqual(r.tagFrequency.prefix(2).map(\.tag), ["cat", "red"])
+        XCTAssertEqual(r.tagFrequency.prefix(2).map(\.count), [3, 2])
+        XCTAssertEqual(r.tagFrequency.first { $0.tag == "sky" }?.count, 1)
+
+        // Steps: per bucket ceil(samples / batch 2), summed.
+        let steps = r.buckets.reduce(0) { $0 + ($1.samples + 1) / 2 }
+        XCTAssertEqual(r.kohyaStepsPerEpoch, steps)
+        XCTAssertTrue(r.stepsLine.hasSuffix("= \(steps) (4 samples)"), r.stepsLine)
+        let text = r.lines().joined(separator: "\n")
+        XCTAssertTrue(text.contains("images: 4 found usable, 3 skipped"), text)
+        XCTAssertTrue(text.contains("missing captions: 1"), text)
+    }
+
+    func testKohyaSeedLayout() throws {
+        try png("img/1_character_name/a.png", 1024, 1024, caption: "character_name, smile")
+        try png("img/1_character_name/b.png", 832, 1216, caption: "character_name, standing")
+        try png("img/5_style/c.png", 1216, 832, caption: "style")
+        let r = try DatasetReport.make(DatasetReport.folderConfig(root.appendingPathComponent("img")))
+        XCTAssertEqual(r.subsets.map(\.numRepeats), [1, 5])
+        XCTAssertEqual(r.entries.count, 3)
+        XCTAssertEqual(r.buckets.map(\.samples).reduce(0, +), 1 + 1 + 5)
+        XCTAssertEqual(r.tagFrequency.first?.tag, "character_name")
+        XCTAssertEqual(r.kohyaStepsPerEpoch, r.buckets.reduce(0) { $0 + $1.samples })   // batch 1
+    }
+
+    func testNoUsableImageIsAnError() throws {
+        try png("only/tiny.png", 16, 16, caption: "x")
+        XCTAssertThrowsError(try DatasetReport.make(DatasetReport.folderConfig(root.appendingPathComponent("only")))) {
+            XCTAssertTrue("\($0)".contains("tiny.png"), "\($0)")
+        }
+    }
+}
