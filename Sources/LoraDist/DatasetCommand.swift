@@ -9,7 +9,7 @@ struct DatasetCommand: ParsableCommand {
         commandName: "dataset",
         abstract: "Report a dataset: images kept and skipped, buckets, captions, tags, steps per epoch.")
 
-    @Argument(help: "A kohya dataset TOML, or a folder (flat, or kohya img/N_name/ subfolders).")
+    @Argument(help: "A kohya dataset TOML, a folder (flat, or kohya img/N_name/ subfolders), or builtin:shapes.")
     var config: String
 
     @Option(help: "Training resolution when CONFIG is a folder.") var resolution = 1024
@@ -19,7 +19,13 @@ struct DatasetCommand: ParsableCommand {
     @Option(help: "Epochs for the totals.") var epochs = 1
 
     func run() throws {
-        let url = URL(fileURLWithPath: config)
+        var url = URL(fileURLWithPath: config)
+        if config == "builtin:shapes" {
+            // The synthetic demo set, generated into a per-user temp folder (same seed: same files).
+            url = FileManager.default.temporaryDirectory.appendingPathComponent("lora-dist-builtin-shapes")
+            try? FileManager.default.removeItem(at: url)
+            try SyntheticShapes.write(to: url)
+        }
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: url.path, isDirectory: &isDir) else {
             throw ValidationError("\(config): no such file or folder")
@@ -28,7 +34,11 @@ struct DatasetCommand: ParsableCommand {
             ? DatasetReport.folderConfig(url, resolution: resolution, captionExtension: captionExtension, batchSize: batchSize)
             : try DatasetConfig.load(toml: url)
         let report: DatasetReport
-        do { report = try DatasetReport.make(cfg) } catch let e as DatasetError { throw ValidationError(e.description) }
+        do { report = try DatasetReport.make(cfg) } catch let e as DatasetError {
+            // A dataset with no usable image: the reason, and a failing exit (not the usage text).
+            FileHandle.standardError.write(Data("error: \(e.description)\n".utf8))
+            throw ExitCode.failure
+        }
         for line in report.lines() { print(line) }
         let manifest = report.entries.map {
             ManifestEntry(id: $0.image.path, width: $0.placement.bucket.width, height: $0.placement.bucket.height,
