@@ -89,6 +89,15 @@ struct CacheCommand: ParsableCommand {
         let ckpt = try SDXLCheckpoint(path: model)
         // fp32 activations; each op widens the checkpoint's (possibly fp16) weights as it reads them.
         let vae = try ckpt.vae()
+        // LatentKey's latent shape is [4, H/8, W/8] (SDXL's VAE); refuse any other VAE before encoding anything.
+        guard vae.config.downsamplingFactor == 8, vae.config.zChannels == 4 else {
+            if rank == 0 {
+                FileHandle.standardError.write(Data(("error: \(model): the VAE downsamples by \(vae.config.downsamplingFactor) with "
+                    + "\(vae.config.zChannels) latent channels; the latent cache stores SDXL's [4, H/8, W/8]\n").utf8))
+            }
+            try? comm.finalize()
+            throw ExitCode.failure
+        }
         let cache = try LatentCache(storage: .disk(cacheURL))
         let start = Date()
         let local = try CacheBuilder.build(jobs, cache: cache, isAssigned: isMine, encode: { x in
