@@ -6,8 +6,8 @@ import Logging
 import SDXL
 import Tensor
 
-/// Resolves a dataset argument as `lora-dist dataset` does: a kohya TOML, a folder, or `builtin:shapes`
-/// (generated into `builtinFolder`). Errors print one line and fail the command.
+/// Resolves a dataset argument for `lora-dist dataset` and `lora-dist cache`: a kohya TOML, a folder, or
+/// `builtin:shapes` (generated into `builtinFolder`). Errors print one line and fail the command.
 func resolveDatasetReport(_ config: String, builtinFolder: URL, resolution: Int, captionExtension: String,
                           batchSize: Int, writeBuiltin: Bool = true) throws -> DatasetReport {
     var url = URL(fileURLWithPath: config)

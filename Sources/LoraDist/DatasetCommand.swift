@@ -19,26 +19,10 @@ struct DatasetCommand: ParsableCommand {
     @Option(help: "Epochs for the totals.") var epochs = 1
 
     func run() throws {
-        var url = URL(fileURLWithPath: config)
-        if config == "builtin:shapes" {
-            // The synthetic demo set, generated into a per-user temp folder (same seed: same files).
-            url = FileManager.default.temporaryDirectory.appendingPathComponent("lora-dist-builtin-shapes")
-            try? FileManager.default.removeItem(at: url)
-            try SyntheticShapes.write(to: url)
-        }
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: url.path, isDirectory: &isDir) else {
-            throw ValidationError("\(config): no such file or folder")
-        }
-        let cfg = isDir.boolValue
-            ? DatasetReport.folderConfig(url, resolution: resolution, captionExtension: captionExtension, batchSize: batchSize)
-            : try DatasetConfig.load(toml: url)
-        let report: DatasetReport
-        do { report = try DatasetReport.make(cfg) } catch let e as DatasetError {
-            // A dataset with no usable image: the reason, and a failing exit (not the usage text).
-            FileHandle.standardError.write(Data("error: \(e.description)\n".utf8))
-            throw ExitCode.failure
-        }
+        // builtin:shapes: the synthetic demo set, generated into a per-user temp folder (same seed: same files).
+        let report = try resolveDatasetReport(
+            config, builtinFolder: FileManager.default.temporaryDirectory.appendingPathComponent("lora-dist-builtin-shapes"),
+            resolution: resolution, captionExtension: captionExtension, batchSize: batchSize)
         for line in report.lines() { print(line) }
         let manifest = report.entries.map {
             ManifestEntry(id: $0.image.path, width: $0.placement.bucket.width, height: $0.placement.bucket.height,

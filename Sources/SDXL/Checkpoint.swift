@@ -22,7 +22,10 @@ public struct SDXLPreset: Equatable {
         var unet = UNetConfig.tiny
         unet.contextDim = l.width + g.width          // 80
         unet.admInChannels = 48 + 6 * 8              // pooled 48 ⊕ six 8-d size/crop embeddings
-        return SDXLPreset(name: "tiny", unet: unet, vae: .tiny, textL: l, textG: g)
+        // Four VAE levels like SDXL's, so latents are 1/8 of the image as everywhere downstream assumes
+        // (VAEConfig.tiny, the diffusers fixture's shape, has two levels: 1/2).
+        let vae = VAEConfig(baseChannels: 32, channelMult: [1, 1, 1, 1], resBlocks: 1, zChannels: 4, scalingFactor: 0.13025)
+        return SDXLPreset(name: "tiny", unet: unet, vae: vae, textL: l, textG: g)
     }()
 
     public static func named(_ name: String) -> SDXLPreset? { ["sdxl": sdxl, "tiny": tiny][name] }
