@@ -77,6 +77,7 @@ let package = Package(
             name: "UNetBench", dependencies: ["SDXL", "Tensor", "SafeTensors"], path: "bench/UNetBench",
             swiftSettings: kernelFlags),
 
+        .executableTarget(name: "DataBench", dependencies: ["Dataset", "SDXL", "Tensor", "SafeTensors"], path: "bench/DataBench", swiftSettings: kernelFlags),
         .executableTarget(name: "MPIHarness", dependencies: ["Distributed"], path: "Tests/MPIHarness"),
 
         .testTarget(

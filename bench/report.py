@@ -502,12 +502,13 @@ def write_results(runner, path, started, load_before, load_after, wall):
     L.append("")
     L.append(f"Raw samples: bench/out/raw.jsonl (not committed). Run started {started}.")
     # The SDXL UNet section (bench/unet_report.py) and the gradient all-reduce section
-    # (bench/allreduce/report.py) are other programs': keep them as they are, in that order.
+    # (bench/allreduce/report.py) and the data-pipeline section (bench/data/report.py) are other programs': keep them as they are, in that order.
     kept = ""
     if os.path.exists(path):
         old = open(path).read()
         for begin, end in [("<!-- unet-bench:begin -->", "<!-- unet-bench:end -->"),
-                           ("<!-- allreduce-bench:begin -->", "<!-- allreduce-bench:end -->")]:
+                           ("<!-- allreduce-bench:begin -->", "<!-- allreduce-bench:end -->"),
+                           ("<!-- data-bench:begin -->", "<!-- data-bench:end -->")]:
             if begin in old and end in old:
                 kept += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
     with open(path, "w") as f:
