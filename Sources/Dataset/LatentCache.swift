@@ -169,34 +169,12 @@ public final class LatentCache: @unchecked Sendable {
             lock.lock(); defer { lock.unlock() }
             return memory[key].map { .hit($0) } ?? .absent
         }
-        guard FileManager.default.fileExists(atPath: path) else { return .absent }
-        let file: SafeTensorsFile
-        do { file = try SafeTensorsFile(path: path) } catch {
-            let problem = (error as? SafeTensorsError)?.problem ?? "\(error)"
-            return .corrupt(path: path, reason: "unreadable safetensors: \(problem)")
+        switch readCacheEntry(path: path, fields: key.fields, tensors: [("mean", key.latentShape), ("logvar", key.latentShape)]) {
+        case .tensors(let t): return .hit(CachedLatent(key: key, mean: t[0], logvar: t[1]))
+        case .absent: return .absent
+        case .stale(let path, let reason): return .stale(path: path, reason: reason)
+        case .corrupt(let path, let reason): return .corrupt(path: path, reason: reason)
         }
-        for (k, expected) in key.fields.sorted(by: { $0.key < $1.key }) {
-            let found = file.metadata[k]
-            if found != expected {
-                return .stale(path: path, reason: "metadata '\(k)' is \(found.map { "'\($0)'" } ?? "missing"), expected '\(expected)'")
-            }
-        }
-        var tensors: [Tensor] = []
-        for name in ["mean", "logvar"] {
-            guard let e = file.entries[name] else { return .corrupt(path: path, reason: "no tensor '\(name)'") }
-            guard e.dtype == "F32" else { return .corrupt(path: path, reason: "tensor '\(name)' is \(e.dtype), expected F32") }
-            guard e.shape == key.latentShape else {
-                return .corrupt(path: path, reason: "tensor '\(name)' has shape \(e.shape), expected \(key.latentShape)")
-            }
-            guard let t = try? file.tensor(name) else { return .corrupt(path: path, reason: "tensor '\(name)' unreadable") }
-            // Copy out of the mapping: the file may be replaced (rebuilt) while the latent is in use.
-            let values = t.scalars
-            guard values.allSatisfy(\.isFinite) else {
-                return .corrupt(path: path, reason: "tensor '\(name)' has non-finite values")
-            }
-            tensors.append(Tensor(shape: e.shape, values))
-        }
-        return .hit(CachedLatent(key: key, mean: tensors[0], logvar: tensors[1]))
     }
 
     /// Makes every key this rank is assigned present and valid, encoding the absent, stale and corrupt ones.

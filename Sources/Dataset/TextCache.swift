@@ -165,34 +165,12 @@ public final class TextCache: @unchecked Sendable {
             lock.lock(); defer { lock.unlock() }
             return memory[key].map { .hit($0) } ?? .absent
         }
-        guard FileManager.default.fileExists(atPath: path) else { return .absent }
-        let file: SafeTensorsFile
-        do { file = try SafeTensorsFile(path: path) } catch {
-            let problem = (error as? SafeTensorsError)?.problem ?? "\(error)"
-            return .corrupt(path: path, reason: "unreadable safetensors: \(problem)")
+        switch readCacheEntry(path: path, fields: key.fields, tensors: [("context", contextShape), ("pooled", pooledShape)]) {
+        case .tensors(let t): return .hit(CachedText(key: key, context: t[0], pooled: t[1]))
+        case .absent: return .absent
+        case .stale(let path, let reason): return .stale(path: path, reason: reason)
+        case .corrupt(let path, let reason): return .corrupt(path: path, reason: reason)
         }
-        for (k, expected) in key.fields.sorted(by: { $0.key < $1.key }) {
-            let found = file.metadata[k]
-            if found != expected {
-                return .stale(path: path, reason: "metadata '\(k)' is \(found.map { "'\($0)'" } ?? "missing"), expected '\(expected)'")
-            }
-        }
-        var tensors: [Tensor] = []
-        for (name, want) in [("context", contextShape), ("pooled", pooledShape)] {
-            guard let e = file.entries[name] else { return .corrupt(path: path, reason: "no tensor '\(name)'") }
-            guard e.dtype == "F32" else { return .corrupt(path: path, reason: "tensor '\(name)' is \(e.dtype), expected F32") }
-            if let want, e.shape != want {
-                return .corrupt(path: path, reason: "tensor '\(name)' has shape \(e.shape), expected \(want)")
-            }
-            guard let t = try? file.tensor(name) else { return .corrupt(path: path, reason: "tensor '\(name)' unreadable") }
-            // Copy out of the mapping: the file may be replaced (rebuilt) while the entry is in use.
-            let values = t.scalars
-            guard values.allSatisfy(\.isFinite) else {
-                return .corrupt(path: path, reason: "tensor '\(name)' has non-finite values")
-            }
-            tensors.append(Tensor(shape: e.shape, values))
-        }
-        return .hit(CachedText(key: key, context: tensors[0], pooled: tensors[1]))
     }
 
     /// Makes every processed caption present and valid under (maxTokenLength, encoderIdentity), encoding the
