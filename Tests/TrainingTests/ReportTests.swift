@@ -196,7 +196,7 @@ final class ReportTests: XCTestCase {
     func testTerminalBarRedrawsOneLine() {
         let clock = ManualClock()
         var out: [String] = []
-        let progress = TrainingProgress(total: 100, isTerminal: true, clock: clock.read, output: { out.append($0) })
+        let progress = TrainingProgress(total: 100, isTerminal: true, columns: 200, clock: clock.read, output: { out.append($0) })
         clock.now = 2.5
         progress.update(step: 1, loss: 0.12346, extra: "lr=1e-04")
         XCTAssertEqual(out, ["\rsteps:   1%|▏                   | 1/100 [00:02<04:07,  2.50s/it, avr_loss=0.1235, lr=1e-04]\u{1B}[K"])
@@ -219,6 +219,21 @@ final class ReportTests: XCTestCase {
         progress.update(step: 101, loss: 0)
         progress.finish()
         XCTAssertEqual(out.count, drawn + 1, "nothing after finish")
+    }
+
+    /// A bar line longer than the terminal narrows its bar, then is cut (a wrapped line cannot be redrawn with \r).
+    func testTerminalBarFitsTheWidth() {
+        var out: [String] = []
+        let clock = ManualClock()
+        let progress = TrainingProgress(total: 10, isTerminal: true, columns: 70, clock: clock.read, output: { out.append($0) })
+        clock.now = 2
+        progress.update(step: 1, loss: 0.5)
+        // At most 69 characters: the line with a 20-cell bar is 77, so the bar gets 12 cells.
+        XCTAssertEqual(out, ["\rsteps:  10%|█▏" + String(repeating: " ", count: 10) + "| 1/10 [00:02<00:18,  2.00s/it, avr_loss=0.5]\u{1B}[K"])
+        progress.update(step: 10, loss: 0.5, extra: String(repeating: "x", count: 100))
+        // No bar at all and still too long: cut at 69.
+        let expected = "steps: 100%|| 10/10 [00:02<00:00,  5.00it/s, avr_loss=0.5, " + String(repeating: "x", count: 100)
+        XCTAssertEqual(out.last, "\r" + String(expected.prefix(69)) + "\u{1B}[K")
     }
 
     func testPlainLinesEveryNStepsAndLast() {

@@ -20,6 +20,9 @@ public final class TrainingProgress {
     public let startStep: Int
     public let isTerminal: Bool
     public let logEvery: Int
+    /// Terminal width: a longer bar line is cut to `columns - 1` characters, since a line that wraps cannot be
+    /// redrawn with `\r`. nil: no limit.
+    public let columns: Int?
     private let clock: () -> Double
     private let output: (String) -> Void
     private let startTime: Double
@@ -34,10 +37,11 @@ public final class TrainingProgress {
     /// - total: the last step (the run's max_train_steps).
     /// - startStep: steps already done when this process started (resume), 0 otherwise.
     /// - isTerminal: nil = whether stdout is a terminal.
+    /// - columns: nil = the terminal's width (TIOCGWINSZ on stdout) when on a terminal.
     /// - clock: monotonic seconds (injected by tests).
     /// - output: receives exact text to write (it includes the `\r` / `\n`); default: stdout, flushed.
     public init(
-        total: Int, startStep: Int = 0, isTerminal: Bool? = nil, logEvery: Int = 10,
+        total: Int, startStep: Int = 0, isTerminal: Bool? = nil, logEvery: Int = 10, columns: Int? = nil,
         clock: @escaping () -> Double = TrainingProgress.monotonicSeconds,
         output: @escaping (String) -> Void = TrainingProgress.writeToStdout
     ) {
@@ -45,6 +49,7 @@ public final class TrainingProgress {
         self.startStep = startStep
         self.isTerminal = isTerminal ?? (isatty(STDOUT_FILENO) != 0)
         self.logEvery = max(logEvery, 1)
+        self.columns = columns ?? (self.isTerminal ? Self.terminalColumns() : nil)
         self.clock = clock
         self.output = output
         startTime = clock()
@@ -95,7 +100,13 @@ public final class TrainingProgress {
 
     private func draw(now: Double) {
         guard let latest else { return }
-        let bar = barLine(step: latest.step, loss: latest.loss, extra: latest.extra, elapsed: now - startTime)
+        var bar = barLine(step: latest.step, loss: latest.loss, extra: latest.extra, elapsed: now - startTime, barWidth: barWidth)
+        if let columns, bar.count > columns - 1 {
+            // As tqdm does: narrow the bar first (the numbers matter more), then cut what still does not fit.
+            let narrower = max(barWidth - (bar.count - (columns - 1)), 0)
+            bar = barLine(step: latest.step, loss: latest.loss, extra: latest.extra, elapsed: now - startTime, barWidth: narrower)
+            if bar.count > columns - 1 { bar = String(bar.prefix(max(columns - 1, 0))) }
+        }
         output("\r" + bar + "\u{1B}[K")
         lastBar = bar
         lastDrawTime = now
@@ -114,7 +125,7 @@ public final class TrainingProgress {
         return done > 0 && elapsed > 0 ? Double(done) / elapsed : nil
     }
 
-    func barLine(step: Int, loss: Double, extra: String, elapsed: Double) -> String {
+    func barLine(step: Int, loss: Double, extra: String, elapsed: Double, barWidth: Int) -> String {
         let fraction = total > 0 ? min(max(Double(step) / Double(total), 0), 1) : 1
         let rate = rate(step: step, elapsed: elapsed)
         let eta = rate.map { Self.formatInterval(Double(max(total - step, 0)) / $0) } ?? "?"
@@ -169,6 +180,13 @@ public final class TrainingProgress {
 
     /// Four significant digits (tqdm's postfix uses 3; losses of 0.1xxx deserve one more).
     static func formatLoss(_ loss: Double) -> String { loss.isNaN ? "nan" : String(format: "%.4g", loss) }
+
+    /// stdout's terminal width, nil when it is not a terminal or reports 0 columns.
+    static func terminalColumns() -> Int? {
+        var size = winsize()
+        guard ioctl(STDOUT_FILENO, UInt(TIOCGWINSZ), &size) == 0, size.ws_col > 0 else { return nil }
+        return Int(size.ws_col)
+    }
 
     public static func monotonicSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 
