@@ -40,6 +40,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // Thin C shims: each is imported by exactly one Swift file.
@@ -62,10 +63,20 @@ let package = Package(
             path: "Sources/Distributed"),
         .target(
             name: "Dataset", dependencies: ["CVips", "SafeTensors", "Tensor", .product(name: "TOMLKit", package: "TOMLKit")], path: "Sources/Dataset"),
+        // config → dataset/caches → UNet+LoRA step → all-reduce → optimizer → checkpoint, tied together.
+        .target(
+            name: "Training",
+            dependencies: [
+                "Tensor", "SafeTensors", "SDXL", "Distributed", "Dataset",
+                .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            path: "Sources/Training", swiftSettings: kernelFlags),
         .executableTarget(
             name: "LoraDist",
             dependencies: [
-                "Tensor", "SafeTensors", "SDXL", "Distributed", "Dataset",
+                "Tensor", "SafeTensors", "SDXL", "Distributed", "Dataset", "Training",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -86,6 +97,9 @@ let package = Package(
         .testTarget(name: "DatasetTests", dependencies: ["Dataset", "SafeTensors", "Tensor"], path: "Tests/DatasetTests"),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"], path: "Tests/SafeTensorsTests"),
         .testTarget(name: "DistributedTests", dependencies: ["Distributed"], path: "Tests/DistributedTests"),
+        .testTarget(
+            name: "TrainingTests", dependencies: ["Training", "SDXL", "Dataset", "Distributed", "Tensor", "SafeTensors"],
+            path: "Tests/TrainingTests"),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -96,6 +96,15 @@ public final class GradientAllReduce {
         self.residual = format == .bf16 && errorFeedback ? [Float](repeating: 0, count: count) : []
     }
 
+    /// Puts back a residual saved from an earlier run (bf16 error feedback), so a resumed run continues exactly.
+    public func restoreResidual(_ values: [Float]) throws {
+        guard format == .bf16 && errorFeedback else { return }
+        guard values.count == count else {
+            throw Failure(description: "gradient all-reduce: saved residual has \(values.count) floats, this reducer has \(count)")
+        }
+        residual = values
+    }
+
     /// In place: buffer ← Σ_r samples_r · buffer_r / Σ_r samples_r (identical bits on every rank).
     /// Collective; `samples` ≥ 0 is this rank's real sample count (0: contributes nothing), the total > 0.
     public func average(_ buffer: inout [Float], samples: Int) throws -> Stats {

@@ -54,6 +54,13 @@ public final class MPICommunicator {
 
     public func barrier() throws { try Self.check(MPI_Barrier(comm), "MPI_Barrier") }
 
+    /// Ends every rank of the job with `code` (MPI_Abort): for a failure on one rank that would otherwise leave the
+    /// others waiting forever in a collective.
+    public func abort(code: Int32) -> Never {
+        MPI_Abort(comm, code)
+        exit(code)
+    }
+
     /// Ends MPI for this process; call once, at exit.
     public func finalize() throws {
         var finalized: Int32 = 0

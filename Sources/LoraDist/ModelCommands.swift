@@ -3,6 +3,7 @@ import Foundation
 import SafeTensors
 import SDXL
 import Tensor
+import Training
 
 /// Errors from the model commands print as one clear line, without a usage dump.
 struct CommandFailure: Error, CustomStringConvertible {
@@ -134,8 +135,11 @@ struct Eval: ParsableCommand {
     @Option(help: "Image size whose size/crop embedding goes into y (text).") var size = 1024
     @Option(help: "Attention head size of the UNet (shapes cannot tell; default: the file's metadata, else 64).") var headDim: Int?
     @Option(help: "Output .safetensors file.") var out: String
+    @Option(help: "A kohya-format LoRA (.safetensors) applied to the UNet (unet only).") var lora: String?
+    @Option(help: "The LoRA's multiplier (strength).") var loraMultiplier: Float = 1
 
     func validate() throws {
+        if lora != nil && component != .unet { throw ValidationError("--lora applies to eval unet only") }
         if component == .text {
             guard !prompt.isEmpty else { throw ValidationError("eval text needs at least one --prompt") }
         } else {
@@ -149,7 +153,16 @@ struct Eval: ParsableCommand {
             let ckpt = try SDXLCheckpoint(path: model, headDim: headDim)
             let outputs: [String: Tensor]
             switch component {
-            case .unet: outputs = try Evaluate.unet(ckpt, inputs: try SafeTensorsFile(path: inputs!))
+            case .unet:
+                var adapters: ((UNet) throws -> LayerAdapters)? = nil
+                if let lora {
+                    let contents = try LoRAFile.read(lora)
+                    if !contents.textEncoderModules.isEmpty {
+                        print("note: \(lora) also has \(contents.textEncoderModules.count) text-encoder modules; eval unet applies the UNet's")
+                    }
+                    adapters = { try LoRANetwork(unet: $0, contents: contents, multiplier: self.loraMultiplier) }
+                }
+                outputs = try Evaluate.unet(ckpt, inputs: try SafeTensorsFile(path: inputs!), adapters: adapters)
             case .vaeEncode: outputs = try Evaluate.vaeEncode(ckpt, inputs: try SafeTensorsFile(path: inputs!))
             case .vaeDecode: outputs = try Evaluate.vaeDecode(ckpt, inputs: try SafeTensorsFile(path: inputs!))
             case .text:

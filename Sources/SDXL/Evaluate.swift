@@ -21,8 +21,10 @@ public enum Evaluate {
         return t.fp32()
     }
 
-    /// x [B,4,h,w], timesteps [B], context [B,T,contextDim], y [B,admIn] → out [B,4,h,w].
-    public static func unet(_ ckpt: SDXLCheckpoint, inputs: SafeTensorsFile) throws -> [String: Tensor] {
+    /// x [B,4,h,w], timesteps [B], context [B,T,contextDim], y [B,admIn] → out [B,4,h,w]. `adapters` (e.g. a LoRA)
+    /// is built on the loaded UNet and runs with it.
+    public static func unet(_ ckpt: SDXLCheckpoint, inputs: SafeTensorsFile,
+                            adapters: ((UNet) throws -> LayerAdapters)? = nil) throws -> [String: Tensor] {
         let c = ckpt.unetConfig
         let x = try input(inputs, "x", rank: 4, "[B, \(c.inChannels), h, w]")
         let b = x.shape[0]
@@ -37,7 +39,8 @@ public enum Evaluate {
             throw InputError(description: "\(inputs.path): timesteps \(ts.shape), context \(context.shape), y \(y.shape) do not fit x \(x.shape): expected [\(b)], [\(b), T, \(c.contextDim)], [\(b), \(c.admInChannels)]")
         }
         let model = try ckpt.unet()
-        let out = model(Tape(recording: false), x: Var(x), timesteps: Var(ts), context: Var(context), y: Var(y))
+        let tape = Tape(recording: false, adapters: try adapters?(model))
+        let out = model(tape, x: Var(x), timesteps: Var(ts), context: Var(context), y: Var(y))
         return ["out": out.value]
     }
 

@@ -22,7 +22,10 @@ public struct LinearLayer {
         self.bias = bias.map { Var($0) }
     }
 
-    public func callAsFunction(_ t: Tape, _ x: Var) -> Var { t.linear(x, weight, bias) }
+    public func callAsFunction(_ t: Tape, _ x: Var) -> Var {
+        let y = t.linear(x, weight, bias)
+        return t.adapters.map { $0.adapt(t, path: path, input: x, output: y) } ?? y
+    }
 }
 
 /// nn.Conv2d (square kernel 1 or 3).
@@ -43,7 +46,8 @@ public struct Conv2dLayer {
     }
 
     public func callAsFunction(_ t: Tape, _ x: Var) -> Var {
-        t.conv2d(x, weight, bias, stride: stride, padding: padding)
+        let y = t.conv2d(x, weight, bias, stride: stride, padding: padding)
+        return t.adapters.map { $0.adapt(t, path: path, input: x, output: y) } ?? y
     }
 }
 

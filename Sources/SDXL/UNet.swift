@@ -129,3 +129,68 @@ public final class UNet {
         return outConv(t, t.silu(outNorm(t, h)))
     }
 }
+
+/// A layer adapters can attach to (LoRA): its weight key prefix, its shape, and the kind of block it sits in
+/// (kohya picks LoRA targets by the enclosing module's class: Transformer2DModel, ResnetBlock2D, Downsample2D,
+/// Upsample2D).
+public struct AdaptableLayer: Equatable, Sendable {
+    public enum Kind: Equatable, Sendable {
+        case linear(inFeatures: Int, outFeatures: Int)
+        case conv(inChannels: Int, outChannels: Int, kernel: Int, stride: Int, padding: Int)
+    }
+    public enum Container: String, Sendable {
+        case transformer, resBlock, downsample, upsample, other
+    }
+    public let path: String
+    public let kind: Kind
+    public let container: Container
+
+    init(_ layer: LinearLayer, _ container: Container) {
+        path = layer.path
+        kind = .linear(inFeatures: layer.inFeatures, outFeatures: layer.outFeatures)
+        self.container = container
+    }
+
+    init(_ layer: Conv2dLayer, _ container: Container) {
+        path = layer.path
+        kind = .conv(inChannels: layer.weight.shape[1], outChannels: layer.weight.shape[0], kernel: layer.weight.shape[2],
+                     stride: layer.stride, padding: layer.padding)
+        self.container = container
+    }
+}
+
+extension UNet {
+    /// Every Linear and Conv2d of the UNet in module order (PyTorch's named_modules order for sgm's UNetModel),
+    /// tagged with the block it belongs to. LoRA networks are generated from this list.
+    public var adaptableLayers: [AdaptableLayer] {
+        var out: [AdaptableLayer] = [
+            AdaptableLayer(timeEmbed1, .other), AdaptableLayer(timeEmbed2, .other),
+            AdaptableLayer(labelEmbed1, .other), AdaptableLayer(labelEmbed2, .other),
+            AdaptableLayer(convIn, .other),
+        ]
+        func add(_ layer: UNetLayer) {
+            switch layer {
+            case .res(let r):
+                out += [AdaptableLayer(r.inConv, .resBlock), AdaptableLayer(r.embProjection, .resBlock),
+                        AdaptableLayer(r.outConv, .resBlock)]
+                if let skip = r.skip { out.append(AdaptableLayer(skip, .resBlock)) }
+            case .transformer(let s):
+                out.append(AdaptableLayer(s.projIn, .transformer))
+                for b in s.blocks {
+                    for a in [b.attn1, b.attn2] {
+                        out += [a.toQ, a.toK, a.toV, a.toOut].map { AdaptableLayer($0, .transformer) }
+                    }
+                    out += [AdaptableLayer(b.ff.projection, .transformer), AdaptableLayer(b.ff.output, .transformer)]
+                }
+                out.append(AdaptableLayer(s.projOut, .transformer))
+            case .downsample(let c): out.append(AdaptableLayer(c, .downsample))
+            case .upsample(let c): out.append(AdaptableLayer(c, .upsample))
+            }
+        }
+        for block in inputBlocks { block.forEach(add) }
+        middleBlock.forEach(add)
+        for block in outputBlocks { block.forEach(add) }
+        out += [AdaptableLayer(outConv, .other)]
+        return out
+    }
+}

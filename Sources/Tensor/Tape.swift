@@ -38,6 +38,13 @@ public struct GradStore {
     mutating func take(_ v: Var) -> Tensor? { entries.removeValue(forKey: ObjectIdentifier(v))?.grad }
 }
 
+/// Extra computation attached to named layers (LoRA adapters): a layer at `path` hands its input and its own output
+/// to `adapt`, which returns the output to use. Layers name themselves by their weight key prefix, so adapters are
+/// addressed in the checkpoint's key space.
+public protocol LayerAdapters: AnyObject {
+    func adapt(_ t: Tape, path: String, input: Var, output: Var) -> Var
+}
+
 /// Reverse-mode autograd: a list of recorded operations, run backwards once.
 ///
 /// Only operations with an input that requires a gradient are recorded, and each records exactly what
@@ -56,8 +63,13 @@ public final class Tape {
     /// Checkpointed blocks, which route gradients to Vars they captured, not only to their inputs.
     private var blocks: [ObjectIdentifier: (Tensor) -> GradStore] = [:]
     public let recording: Bool
+    /// Adapters the layers run through on this tape (nil: plain model). Checkpointed blocks run theirs too.
+    public var adapters: LayerAdapters?
 
-    public init(recording: Bool = true) { self.recording = recording }
+    public init(recording: Bool = true, adapters: LayerAdapters? = nil) {
+        self.recording = recording
+        self.adapters = adapters
+    }
 
     /// Number of recorded operations (for tests and diagnostics).
     public var recordedCount: Int { nodes.count }
@@ -99,13 +111,14 @@ public final class Tape {
     /// backward to get them. Trainable Vars that `body` captures (LoRA weights) get their gradients too.
     public func checkpoint(_ inputs: [Var], _ body: @escaping (Tape, [Var]) -> Var) -> Var {
         guard recording else { return body(self, inputs) }
-        let quiet = Tape(recording: false)
+        let adapters = self.adapters
+        let quiet = Tape(recording: false, adapters: adapters)
         let first = body(quiet, inputs)
         guard first.requiresGrad else { return first }
         let out = Var(first.value, requiresGrad: true)
         nodes.append(Node(output: out, inputs: inputs, backward: { _, _ in [] }))
         blocks[ObjectIdentifier(out)] = { dOut in
-            let replay = Tape()
+            let replay = Tape(adapters: adapters)
             let fresh = inputs.map { Var($0.value, requiresGrad: $0.requiresGrad) }
             let again = body(replay, fresh)
             var sub = replay.backward(from: again, seed: dOut)

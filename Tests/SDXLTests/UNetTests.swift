@@ -165,28 +165,3 @@ final class UNetTests: XCTestCase {
     }
 }
 
-/// Every key's tensor is a bf16 view of the same anonymous read-only mapping: binding a model costs
-/// address space only (pages are never touched, so never allocated), for tests that need a full-size
-/// model's key space and shapes but never run it.
-private struct SharedZeroWeights: WeightSource {
-    final class Mapping {
-        let bytes: UnsafeRawBufferPointer
-        init(byteCount: Int) {
-            let p = mmap(nil, byteCount, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-            precondition(p != nil && p != MAP_FAILED, "mmap of \(byteCount) bytes failed")
-            bytes = UnsafeRawBufferPointer(start: p, count: byteCount)
-        }
-        deinit { munmap(UnsafeMutableRawPointer(mutating: bytes.baseAddress), bytes.count) }
-    }
-    let mapping: Mapping
-    let storage: Storage
-    init(byteCount: Int) {
-        mapping = Mapping(byteCount: byteCount)
-        storage = Storage(borrowing: mapping.bytes, owner: mapping)
-    }
-    var keys: [String] { [] }
-    var sourceName: String { "shared zero weights" }
-    func tensor(_ key: String, expectedShape: [Int]) throws -> Tensor? {
-        Tensor(shape: expectedShape, dtype: .bf16, storage: storage, byteOffset: 0)
-    }
-}

@@ -1,0 +1,67 @@
+import ArgumentParser
+import Distributed
+import Foundation
+import Logging
+import Tensor
+import Training
+
+/// `lora-dist train [CONFIG]`: one rank alone, or every rank of `mpirun -np N` / `srun` / PBS `mpiexec`.
+struct TrainCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "train",
+        abstract: "Train a LoRA from a kohya-style training TOML (no file: the embedded demo).",
+        discussion: """
+            Run alone (one rank) or under mpirun/srun/mpiexec (data-parallel ranks). Rank 0 writes LoRA files and
+            resumable states into output_dir. SIGTERM/SIGUSR1 on any rank: every rank stops at the same step and the
+            state is saved; exit 0 (or \(StopSignal.requeueExitCode) with --requeue-on-stop).
+            """)
+
+    @OptionGroup var engine: EngineOptions
+    @Argument(help: "A training TOML (kohya's training config, with an optional [lora_dist] section). Default: the demo.")
+    var config: String?
+    @Option(help: "Continue from a state file, or from the newest state in a state folder (<output_dir>/<output_name>-state).")
+    var resume: String?
+    @Option(help: "Override output_dir.") var outputDir: String?
+    @Option(help: "Override max_train_steps.") var maxTrainSteps: Int?
+    @Flag(help: "Exit with \(StopSignal.requeueExitCode) (EX_TEMPFAIL) after a signal-requested stop (job scripts requeue on it).")
+    var requeueOnStop = false
+
+    func run() throws {
+        RankLogging.bootstrap()
+        let log = Logger(label: "train")
+        var cfg: TrainingConfig
+        do {
+            cfg = try config.map { try TrainingConfig.load(toml: URL(fileURLWithPath: $0)) } ?? TrainingConfig.demo
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            throw ExitCode.failure
+        }
+        if let o = outputDir { cfg.outputDir = o }
+        if let s = maxTrainSteps { cfg.maxTrainSteps = s; cfg.maxTrainEpochs = nil }
+        let launch: Launch
+        do { launch = try Launch.start() } catch {
+            log.error("\(error)")
+            throw ExitCode.failure
+        }
+        let comm = launch.communicator
+        RankLogging.bootstrap(rank: comm.rank, size: comm.size)
+        if engine.threads == nil, let t = cfg.lora.threadsPerRank { Threads.set(t) } else { engine.apply() }
+        if comm.rank == 0 {
+            print("lora-dist train: \(config ?? "embedded demo (configs/demo.toml)"), \(comm.size) rank\(comm.size == 1 ? "" : "s"), \(Threads.count) threads each, OpenBLAS \(BLAS.coreName)")
+            for note in cfg.notes { print("note: \(note)") }
+        }
+        let trainer = Trainer(config: cfg, communicator: comm)
+        let outcome: TrainingOutcome
+        do {
+            outcome = try trainer.run(resume: resume)
+        } catch {
+            // Every rank reports its own failure; rank 0's line is what a user sees first.
+            FileHandle.standardError.write(Data("error (rank \(comm.rank)): \(error)\n".utf8))
+            // A failure on one rank leaves the others in a collective: abort them rather than hang.
+            if comm.size > 1 { comm.abort(code: 1) }
+            throw ExitCode.failure
+        }
+        try comm.finalize()
+        if case .stopped = outcome { throw ExitCode(requeueOnStop ? StopSignal.requeueExitCode : StopSignal.cleanExitCode) }
+    }
+}

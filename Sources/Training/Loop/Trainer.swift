@@ -1,0 +1,277 @@
+import Dataset
+import Distributed
+import Foundation
+import Logging
+import SafeTensors
+import SDXL
+import Tensor
+
+public struct TrainingError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// How a run ended.
+public enum TrainingOutcome: Equatable {
+    case finished
+    /// A stop signal arrived; the state was saved (`signal` is the one this rank saw, if any).
+    case stopped(signal: Int32?)
+}
+
+/// `lora-dist train`: dataset → latent cache → UNet + LoRA steps on every rank → gradient all-reduce → optimizer →
+/// LoRA files and resumable states (rank 0 writes). Every rank runs the same code on its own share of each step.
+public final class Trainer {
+    public let config: TrainingConfig
+    public let communicator: MPICommunicator
+    public var rank: Int { communicator.rank }
+    public var worldSize: Int { communicator.size }
+    let log = Logger(label: "train")
+    /// Rank 0's user-facing lines (stdout).
+    let say: (String) -> Void
+
+    // Set up by `prepare()`.
+    var checkpoint: SDXLCheckpoint!
+    var unet: UNet!
+    var network: LoRANetwork!
+    var optimizer: Optimizer!
+    var layout: ParameterLayout!
+    var schedule: LRSchedule!
+    var noiseSchedule = NoiseSchedule()
+    var noiseOptions = NoiseOptions()
+    var lossOptions = LossOptions()
+    var coordinator: Coordinator!
+    var report: DatasetReport!
+    var latentCache: LatentCache!
+    var latentKeys: [String: [Bool: LatentKey]] = [:]   // image path → flip → key
+    var text: TextConditioner!
+    var reducer: GradientAllReduce!
+    var seed: UInt64 = 0
+    var totalSteps = 0
+    var totalEpochs = 0
+    var baseLearningRates: [Double] = []
+    var startedAt = Date()
+    var filesWritten: [String] = []
+
+    public init(config: TrainingConfig, communicator: MPICommunicator, say: @escaping (String) -> Void = { print($0) }) {
+        self.config = config
+        self.communicator = communicator
+        self.say = communicator.rank == 0 ? say : { _ in }
+    }
+
+    var outputDirectory: URL { URL(fileURLWithPath: config.outputDir) }
+    var cacheDirectory: URL {
+        config.lora.cacheDir.map { URL(fileURLWithPath: $0) } ?? outputDirectory.appendingPathComponent("cache")
+    }
+    var stateDirectory: URL { outputDirectory.appendingPathComponent("\(config.outputName)-state") }
+
+    // MARK: setup
+
+    /// Rank 0 creates what must exist before anyone reads it (generated model and dataset); then everyone loads.
+    func prepare() throws {
+        let fm = FileManager.default
+        seed = UInt64(truncatingIfNeeded: config.seed ?? 42)
+        if rank == 0 {
+            try fm.createDirectory(at: outputDirectory, withIntermediateDirectories: true)
+            try fm.createDirectory(at: cacheDirectory, withIntermediateDirectories: true)
+        }
+        try communicator.barrier()
+
+        // The model. builtin:tiny is the demo's generated checkpoint (deterministic: the same file on every run).
+        var modelPath = config.pretrainedModelNameOrPath
+        if modelPath == "builtin:tiny" {
+            modelPath = cacheDirectory.appendingPathComponent("builtin-tiny.safetensors").path
+            if rank == 0 && !fm.fileExists(atPath: modelPath) {
+                var meta = SDXLPreset.tiny.metadata
+                meta["lora_dist.seed"] = "0"
+                try writeSafeTensors(SDXLPreset.tiny.randomWeights(seed: 0, dtype: .f32), metadata: meta, to: modelPath)
+            }
+        } else if modelPath.isEmpty {
+            throw TrainingError("pretrained_model_name_or_path is not set: name an SDXL checkpoint (.safetensors or a diffusers folder), or builtin:tiny")
+        }
+        // The dataset. builtin:shapes is drawn into the cache folder by rank 0.
+        let builtinFolder = cacheDirectory.appendingPathComponent("builtin-shapes")
+        if config.datasetSource == "builtin:shapes" && rank == 0 {
+            try? fm.removeItem(at: builtinFolder)
+            _ = try SyntheticShapes.write(to: builtinFolder)
+        }
+        try communicator.barrier()
+
+        guard fm.fileExists(atPath: modelPath) else {
+            throw TrainingError("pretrained_model_name_or_path: \(modelPath) does not exist (run `lora-dist make-model --preset sdxl --out FILE` for a random-weight stand-in)")
+        }
+        checkpoint = try SDXLCheckpoint(path: modelPath)
+
+        let datasetConfig = try config.datasetConfig(builtinFolder: builtinFolder)
+        report = try DatasetReport.make(datasetConfig)
+        for issue in report.issues { say("skipped \(issue)") }
+        let manifest = report.entries.map {
+            ManifestEntry(id: $0.image.path, width: $0.placement.bucket.width, height: $0.placement.bucket.height,
+                          repeats: $0.image.repeats)
+        }
+        coordinator = try Coordinator(manifest: manifest, seed: seed, worldSize: worldSize, batchSize: config.trainBatchSize,
+                                      gradientAccumulation: config.gradientAccumulationSteps, cacheMode: config.lora.cacheMode)
+
+        // Length: max_train_epochs wins over max_train_steps, as kohya.
+        let perEpoch = coordinator.optimizerStepsPerEpoch
+        if let epochs = config.maxTrainEpochs {
+            totalSteps = epochs * perEpoch
+        } else {
+            totalSteps = config.maxTrainSteps
+        }
+        guard totalSteps > 0 else { throw TrainingError("nothing to train: max_train_steps/max_train_epochs give 0 steps") }
+        totalEpochs = (totalSteps + perEpoch - 1) / perEpoch
+
+        try buildLatentCache()
+        let memoize = report.subsets.allSatisfy { TextCache.isStatic(options: captionOptions(for: $0)) }
+        text = try TextConditioner(checkpoint: checkpoint, maxTokenLength: config.maxTokenLength, memoize: memoize)
+        unet = try checkpoint.unet()
+
+        let net = try config.networkOptions
+        if net.trainTextEncoder {
+            throw TrainingError("training text-encoder LoRA modules is not implemented in lora-dist yet: set network_train_unet_only = true")
+        }
+        let spec = LoRASpec(linearRank: net.linearDim, linearAlpha: Float(net.linearAlpha), convRank: net.convDim,
+                            convAlpha: net.convAlpha.map(Float.init), dropout: net.dropout.map(Float.init),
+                            rankDropout: net.rankDropout.map(Float.init), moduleDropout: net.moduleDropout.map(Float.init))
+        network = try LoRANetwork(unet: unet, spec: spec, seed: RunRandom.mix([seed, RunRandom.Stream.lora.rawValue]))
+        if let weights = config.networkWeights {
+            try network.load(try LoRAFile.read(weights))
+            say("network_weights: started from \(weights)")
+        }
+        let entries = network.tensorLayout.map { ParameterLayout.Entry(name: $0.name, shape: $0.shape, offset: $0.offset, group: 0) }
+        layout = ParameterLayout(entries: entries, groupNames: ["unet"])
+        baseLearningRates = [config.unetLR ?? config.learningRate]
+        optimizer = try Optimizers.make(type: config.optimizerType, args: config.optimizerArgs, layout: layout,
+                                        baseLearningRate: config.learningRate)
+        let warmup = LRSchedule.warmupSteps(config.lrWarmupSteps, totalSteps: totalSteps)
+        schedule = try LRSchedule(name: config.lrScheduler, warmupSteps: warmup, totalSteps: totalSteps,
+                                  numCycles: config.lrSchedulerNumCycles, power: config.lrSchedulerPower)
+
+        noiseSchedule = NoiseSchedule(zeroTerminalSNR: config.zeroTerminalSNR)
+        noiseOptions = NoiseOptions(noiseOffset: config.noiseOffset, noiseOffsetRandomStrength: config.noiseOffsetRandomStrength,
+                                    adaptiveNoiseScale: config.adaptiveNoiseScale,
+                                    multiresNoiseIterations: config.multiresNoiseIterations,
+                                    multiresNoiseDiscount: config.multiresNoiseDiscount, ipNoiseGamma: config.ipNoiseGamma,
+                                    ipNoiseGammaRandomStrength: config.ipNoiseGammaRandomStrength,
+                                    minTimestep: config.minTimestep, maxTimestep: config.maxTimestep)
+        try noiseOptions.validate(trainSteps: noiseSchedule.trainSteps)
+        lossOptions = LossOptions(type: try LossType(kohyaName: config.lossType),
+                                  huberSchedule: try HuberSchedule(kohyaName: config.huberSchedule),
+                                  huberC: config.huberC, huberScale: config.huberScale, minSNRGamma: config.minSNRGamma,
+                                  vPrediction: config.vParameterization,
+                                  scaleVPredLossLikeNoisePred: config.scaleVPredLossLikeNoisePred,
+                                  vPredLikeLoss: config.vPredLikeLoss, debiasedEstimation: config.debiasedEstimationLoss)
+        try lossOptions.validate()
+        reducer = try GradientAllReduce(communicator: communicator, count: network.parameterCount, format: config.lora.wireFormat)
+    }
+
+    func captionOptions(for subset: SubsetConfig) -> CaptionOptions {
+        CaptionOptions(subset: subset, trigger: config.lora.trigger)
+    }
+
+    /// Every (image, bucket, flip) latent, each encoded by its coordinator owner into the shared cache folder.
+    func buildLatentCache() throws {
+        let vaeIdentity = try LatentCache.vaeIdentity(weightsPath: checkpoint.path)
+        let jobs = try CacheBuilder.jobs(report, vaeIdentity: vaeIdentity)
+        for job in jobs { latentKeys[job.entry.image.path, default: [:]][job.flip] = job.key }
+        latentCache = try LatentCache(storage: .disk(cacheDirectory.appendingPathComponent("latents")))
+        let owner = coordinator.owner
+        let mine: (CacheJob) -> Bool = { owner[$0.entry.image.path] == self.rank }
+        let todo = jobs.filter { mine($0) && self.latentCache.lookup($0.key) == nil }.count
+        if todo > 0 { log.info("encoding \(todo) latents (this rank's share)") }
+        var vae: VAE? = nil
+        let local = try CacheBuilder.build(jobs, cache: latentCache, isAssigned: mine, encode: { x in
+            if vae == nil { vae = try self.checkpoint.vae() }
+            let (mean, logvar) = vae!.encode(Tape(recording: false), Var(x))
+            return (mean.value, logvar.value)
+        })
+        for issue in local.rebuilt { log.warning("\(issue.path): \(issue.reason)") }
+        try communicator.barrier()
+        let totals = try communicator.allReduce([Int64(local.hits), Int64(local.encoded)], op: .sum)
+        say("latent cache \(cacheDirectory.appendingPathComponent("latents").path): \(totals[0]) reused, \(totals[1]) encoded")
+    }
+
+    // MARK: one micro-step
+
+    /// This rank's batch of step `stepIndex` of `plan`: forward, loss, backward into `gradients` (sum over samples of
+    /// each sample's gradient). Returns (sum of per-sample losses, samples).
+    func microStep(plan: EpochPlan, stepIndex: Int, gradients: inout [Float]) throws -> (lossSum: Double, samples: Int) {
+        let step = plan.steps[stepIndex]
+        let ids = step.batches[rank]
+        guard !ids.isEmpty else { return (0, 0) }
+        // Occurrence of each id in this step counting earlier ranks' batches: a sample's random draws depend on
+        // (epoch, step, image, occurrence), not on which rank trains it.
+        var seen: [String: Int] = [:]
+        for r in 0..<rank { for id in step.batches[r] { seen[id, default: 0] += 1 } }
+
+        var latents: [Tensor] = [], noise: [Tensor] = [], noisy: [Tensor] = [], timesteps: [Int] = []
+        var contexts: [Tensor] = [], pooled: [Tensor] = [], weights: [Float] = []
+        var original: [(h: Int, w: Int)] = [], crops: [(top: Int, left: Int)] = [], targets: [(h: Int, w: Int)] = []
+        let entries = Dictionary(report.entries.map { ($0.image.path, $0) }, uniquingKeysWith: { a, _ in a })
+        for id in ids {
+            let occurrence = seen[id, default: 0]
+            seen[id] = occurrence + 1
+            guard let entry = entries[id], let keys = latentKeys[id] else { throw TrainingError("\(id): not in the dataset's latent jobs") }
+            let subset = report.subsets[entry.image.subset]
+            var flipRNG = RunRandom.sample(seed: seed, .flip, epoch: plan.epoch, step: stepIndex, image: id, occurrence: occurrence)
+            let flip = keys[true] != nil && flipRNG.uniform() < 0.5
+            let key = keys[flip]!
+            guard let cached = latentCache.lookup(key) else {
+                throw TrainingError("\(id): latent \(key.fileName) is missing from \(cacheDirectory.path)/latents (another rank's cache folder not shared? use cache_mode = \"node_local\" or a shared cache_dir)")
+            }
+            // A fresh draw from the VAE posterior each use (diffusers' latent_dist.sample()), × scaling factor.
+            var latentRNG = RunRandom.sample(seed: seed, .latent, epoch: plan.epoch, step: stepIndex, image: id, occurrence: occurrence)
+            let mean = cached.mean.fp32().scalars, logvar = cached.logvar.fp32().scalars
+            let scale = checkpoint.vaeConfig?.scalingFactor ?? 0.13025
+            let z = (0..<mean.count).map { i in (mean[i] + exp(0.5 * logvar[i]) * Float(latentRNG.normal())) * scale }
+            let x0 = Tensor(shape: [1] + cached.mean.shape, z)
+            var noiseRNG = RunRandom.sample(seed: seed, .noise, epoch: plan.epoch, step: stepIndex, image: id, occurrence: occurrence)
+            let noised = DiffusionNoise.sample(latents: x0, schedule: noiseSchedule, options: noiseOptions, rng: &noiseRNG)
+            latents.append(x0); noise.append(noised.noise); noisy.append(noised.noisyLatents); timesteps += noised.timesteps
+
+            let raw = entry.image.caption ?? entry.image.classToken ?? ""
+            // kohya's current_epoch counts from 1.
+            let caption = Captions.process(raw, options: captionOptions(for: subset), seed: seed, epoch: plan.epoch + 1,
+                                           imageID: id + "#\(occurrence)")
+            let (c, p) = text.encode(caption)
+            contexts.append(c); pooled.append(p)
+            weights.append(subset.isReg ? Float(subset.priorLossWeight) : 1)
+            original.append((cached.originalSizeHW.0, cached.originalSizeHW.1))
+            crops.append((cached.cropTopLeft.0, cached.cropTopLeft.1))
+            targets.append((cached.targetSizeHW.0, cached.targetSizeHW.1))
+        }
+        let b = ids.count
+        let x0 = stackBatch(latents), eps = stackBatch(noise), xt = stackBatch(noisy)
+        // Captions of different lengths (kohya max_token_length chunks) are the same length here: one max_token_length.
+        let context = stackBatch(contexts), pooledBatch = stackBatch(pooled)
+        let y = Conditioning.y(Tape(recording: false), pooled: Var(pooledBatch), originalSize: original, cropTopLeft: crops,
+                               targetSize: targets, embedDim: checkpoint.sizeEmbedDim ?? 256).value
+        let target = config.vParameterization ? noiseSchedule.velocity(x0, noise: eps, timesteps: timesteps) : eps
+
+        network.training = true
+        network.dropoutSeed = RunRandom.mix([seed, RunRandom.Stream.dropout.rawValue, UInt64(plan.epoch), UInt64(stepIndex), UInt64(rank)])
+        network.bind(trainable: true)
+        let tape = Tape(adapters: network)
+        let prediction = unet(tape, x: Var(xt), timesteps: Var(Tensor(shape: [b], timesteps.map(Float.init))),
+                              context: Var(context), y: Var(y), checkpointing: config.gradientCheckpointing)
+        let loss = DiffusionLoss.evaluate(prediction: prediction.value, target: target, timesteps: timesteps, sampleWeights: weights,
+                                          schedule: noiseSchedule, options: lossOptions)
+        guard loss.loss.isFinite else { return (Double.nan, b) }
+        // d(Σ per-sample losses)/d(prediction) = B · d(batch mean)/d(prediction).
+        let seedGradient = Elementwise.scale(loss.gradient, Float(b))
+        let grads = tape.backward(from: prediction, seed: seedGradient)
+        network.accumulateGradients(grads, into: &gradients)
+        return (Double(loss.loss) * Double(b), b)
+    }
+}
+
+extension CaptionOptions {
+    /// The caption processing a kohya subset asks for, plus AI Toolkit's trigger word.
+    init(subset s: SubsetConfig, trigger: String?) {
+        self.init(shuffle: s.shuffleCaption, keepTokens: s.keepTokens, keepTokensSeparator: s.keepTokensSeparator,
+                  captionSeparator: s.captionSeparator, secondarySeparator: s.secondarySeparator,
+                  enableWildcard: s.enableWildcard, captionDropoutRate: s.captionDropoutRate,
+                  tagDropoutRate: s.captionTagDropoutRate, dropoutEveryNEpochs: s.captionDropoutEveryNEpochs,
+                  prefix: s.captionPrefix, suffix: s.captionSuffix, trigger: trigger)
+    }
+}

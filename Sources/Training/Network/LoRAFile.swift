@@ -1,0 +1,185 @@
+import Crypto
+import Foundation
+import SDXL
+import SafeTensors
+import Tensor
+
+/// kohya's LoRA file: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (a 0-d tensor) per module, in
+/// the save precision, with string metadata (`ss_*`, `sshs_*`, `modelspec.*`). What ComfyUI, A1111 and diffusers load.
+public enum LoRAFile {
+    /// The tensors of `network` as kohya's `save_weights` writes them (every tensor, alpha included, in `dtype`).
+    public static func tensors(_ network: LoRANetwork, dtype: DType) -> [String: Tensor] {
+        var out: [String: Tensor] = [:]
+        for m in network.modules {
+            let down = Array(network.parameters[m.downOffset..<m.upOffset])
+            let up = Array(network.parameters[m.upOffset..<m.upOffset + m.upShape.reduce(1, *)])
+            out[m.downName] = Tensor(shape: m.downShape, down, dtype: dtype)
+            out[m.upName] = Tensor(shape: m.upShape, up, dtype: dtype)
+            out[m.alphaName] = Tensor(shape: [], [m.alpha], dtype: dtype)
+        }
+        return out
+    }
+
+    /// Writes `network` to `path` (tmp + fsync + rename), adding kohya's `sshs_model_hash` / `sshs_legacy_hash`
+    /// (computed, as kohya's precalculate_safetensors_hashes does, over the file that holds only the `ss_*` metadata).
+    @discardableResult
+    public static func save(_ network: LoRANetwork, to path: String, dtype: DType, metadata: [String: String]) throws -> [String: String] {
+        let tensors = tensors(network, dtype: dtype)
+        var metadata = metadata
+        let (model, legacy) = hashes(tensors: tensors, metadata: metadata.filter { $0.key.hasPrefix("ss_") })
+        metadata["sshs_model_hash"] = model
+        metadata["sshs_legacy_hash"] = legacy
+        try writeSafeTensors(tensors, metadata: metadata, to: path)
+        return metadata
+    }
+
+    /// kohya train_util.precalculate_safetensors_hashes: `addnet_hash_safetensors` = SHA-256 of everything after the
+    /// header; `addnet_hash_legacy` = the first 8 hex digits of SHA-256 of the 64 KiB at offset 1 MiB of the file that
+    /// safetensors.torch.save(tensors, metadata) produces. That file's header is compact JSON padded with spaces to a
+    /// multiple of 8 (its key order does not change its length, and so not the legacy hash); tensors are laid out by
+    /// name within a dtype.
+    public static func hashes(tensors: [String: Tensor], metadata: [String: String]) -> (model: String, legacy: String) {
+        let names = tensors.keys.sorted()
+        var header = "{"
+        var parts: [String] = []
+        // kohya always passes a metadata dict, so the header always has __metadata__ (possibly {}).
+        let meta = metadata.keys.sorted().map { "\(jsonString($0)):\(jsonString(metadata[$0]!))" }.joined(separator: ",")
+        parts.append("\"__metadata__\":{\(meta)}")
+        var offset = 0
+        for name in names {
+            let t = tensors[name]!
+            let bytes = t.count * t.dtype.byteSize
+            let dt = t.dtype == .f32 ? "F32" : t.dtype == .f16 ? "F16" : "BF16"
+            let shape = t.shape.map(String.init).joined(separator: ",")
+            parts.append("\(jsonString(name)):{\"dtype\":\"\(dt)\",\"shape\":[\(shape)],\"data_offsets\":[\(offset),\(offset + bytes)]}")
+            offset += bytes
+        }
+        header += parts.joined(separator: ",") + "}"
+        var headerBytes = Array(header.utf8)
+        while headerBytes.count % 8 != 0 { headerBytes.append(0x20) }
+        var file = [UInt8]()
+        file.reserveCapacity(8 + headerBytes.count + offset)
+        withUnsafeBytes(of: UInt64(headerBytes.count).littleEndian) { file.append(contentsOf: $0) }
+        file += headerBytes
+        let dataStart = file.count
+        for name in names { tensors[name]!.withUnsafeBytes { file.append(contentsOf: $0) } }
+
+        let model = SHA256.hash(data: file[dataStart...]).map { String(format: "%02x", $0) }.joined()
+        let lo = min(0x100000, file.count), hi = min(0x110000, file.count)
+        let legacy = SHA256.hash(data: file[lo..<hi]).map { String(format: "%02x", $0) }.joined()
+        return (model, String(legacy.prefix(8)))
+    }
+
+    /// serde_json's string escaping (what safetensors writes): `"` `\` and control characters escaped, `/` and
+    /// non-ASCII left as they are.
+    static func jsonString(_ s: String) -> String {
+        var out = "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case "\u{08}": out += "\\b"
+            case "\u{0C}": out += "\\f"
+            case _ where u.value < 0x20: out += String(format: "\\u%04x", u.value)
+            default: out.unicodeScalars.append(u)
+            }
+        }
+        return out + "\""
+    }
+
+    // MARK: reading
+
+    /// A kohya-format LoRA file, split into modules. Text-encoder modules (`lora_te1_`, `lora_te2_`, `lora_te_`) are
+    /// kept apart: lora-dist's network is the UNet's.
+    public struct Contents {
+        public let path: String
+        public let metadata: [String: String]
+        /// kohya module name → (down, up, alpha?) for `lora_unet_*` modules.
+        public let unet: [String: (down: Tensor, up: Tensor, alpha: Float?)]
+        public let textEncoderModules: [String]
+    }
+
+    public static func read(_ path: String) throws -> Contents {
+        let file = try SafeTensorsFile(path: path)
+        var down: [String: Tensor] = [:], up: [String: Tensor] = [:], alpha: [String: Float] = [:]
+        var te = Set<String>(), unknown: [String] = []
+        for key in file.names {
+            let parts = key.split(separator: ".", maxSplits: 1).map(String.init)
+            let module = parts[0], rest = parts.count > 1 ? parts[1] : ""
+            if module.hasPrefix("lora_te") { te.insert(module); continue }
+            guard module.hasPrefix(LoRANetwork.unetPrefix) else { unknown.append(key); continue }
+            switch rest {
+            case "lora_down.weight": down[module] = try file.tensor(key).fp32()
+            case "lora_up.weight": up[module] = try file.tensor(key).fp32()
+            case "alpha": alpha[module] = try file.tensor(key).fp32().scalars.first
+            default: unknown.append(key)
+            }
+        }
+        if !unknown.isEmpty {
+            throw LoRANetworkError("\(path): not a kohya-format LoRA (networks.lora): \(unknown.count) tensors such as "
+                + unknown.prefix(3).map { "'\($0)'" }.joined(separator: ", ")
+                + " are not lora_unet_/lora_te_ lora_down/lora_up/alpha tensors (LyCORIS/LoHa/diffusers-format files are not supported)")
+        }
+        var modules: [String: (down: Tensor, up: Tensor, alpha: Float?)] = [:]
+        for (name, d) in down {
+            guard let u = up[name] else { throw LoRANetworkError("\(path): module \(name) has lora_down but no lora_up.weight") }
+            modules[name] = (d, u, alpha[name])
+        }
+        if let orphan = up.keys.first(where: { down[$0] == nil }) {
+            throw LoRANetworkError("\(path): module \(orphan) has lora_up but no lora_down.weight")
+        }
+        return Contents(path: path, metadata: file.metadata, unet: modules, textEncoderModules: te.sorted())
+    }
+}
+
+extension LoRANetwork {
+    /// The network a LoRA file describes, on `unet` (for evaluation): each module's rank from its shapes, its alpha from
+    /// `.alpha` (the rank when absent, as kohya's create_network_from_weights). Every module in the file must name a
+    /// layer of this UNet with matching shapes; text-encoder modules are listed in `contents.textEncoderModules`.
+    public convenience init(unet: UNet, contents: LoRAFile.Contents, multiplier: Float = 1) throws {
+        var used = Set<String>()
+        try self.init(unet: unet, spec: LoRASpec()) { layer, name in
+            guard let m = contents.unet[name] else { return nil }
+            used.insert(name)
+            let rank = m.down.shape[0]
+            return (rank, m.alpha ?? Float(rank))
+        }
+        let unused = Set(contents.unet.keys).subtracting(used).sorted()
+        if !unused.isEmpty {
+            throw LoRANetworkError("\(contents.path): \(unused.count) LoRA modules name no Linear/Conv2d of this UNet: "
+                + unused.prefix(4).joined(separator: ", ") + (unused.count > 4 ? ", …" : "")
+                + " (a LoRA for another model family or UNet layout?)")
+        }
+        try load(contents)
+        self.multiplier = multiplier
+    }
+
+    /// Copies the file's values into this network (strict both ways: same modules, shapes, ranks and alphas).
+    public func load(_ contents: LoRAFile.Contents) throws {
+        let path = contents.path
+        let mine = Set(modules.map(\.name)), theirs = Set(contents.unet.keys)
+        let missing = mine.subtracting(theirs).sorted(), extra = theirs.subtracting(mine).sorted()
+        if !missing.isEmpty || !extra.isEmpty {
+            var parts: [String] = []
+            if !missing.isEmpty { parts.append("\(missing.count) modules of this network are missing from it (\(missing.prefix(3).joined(separator: ", "))\(missing.count > 3 ? ", …" : ""))") }
+            if !extra.isEmpty { parts.append("\(extra.count) modules in it are not in this network (\(extra.prefix(3).joined(separator: ", "))\(extra.count > 3 ? ", …" : ""))") }
+            throw LoRANetworkError("\(path): does not match the configured network: " + parts.joined(separator: "; ")
+                + ". Use the network_dim/conv_dim the file was trained with.")
+        }
+        for m in modules {
+            let f = contents.unet[m.name]!
+            guard f.down.shape == m.downShape, f.up.shape == m.upShape else {
+                throw LoRANetworkError("\(path): \(m.name) has lora_down \(f.down.shape) / lora_up \(f.up.shape); this network expects \(m.downShape) / \(m.upShape) (rank \(m.rank))")
+            }
+            let alpha = f.alpha ?? Float(m.rank)
+            guard alpha == m.alpha else {
+                throw LoRANetworkError("\(path): \(m.name) has alpha \(alpha); this network's is \(m.alpha) (set network_alpha/conv_alpha to the file's)")
+            }
+            parameters.replaceSubrange(m.downOffset..<m.upOffset, with: f.down.scalars)
+            parameters.replaceSubrange(m.upOffset..<m.upOffset + f.up.count, with: f.up.scalars)
+        }
+    }
+}
