@@ -1,0 +1,221 @@
+import Foundation
+
+/// How lora-dist treats one of kohya's sdxl_train_network.py arguments when it appears in a training TOML.
+/// Every argument kohya's parser defines (Tests/Fixtures/training/kohya_args.json, read from kohya's source by
+/// make_kohya_args.py) has exactly one entry in `TrainingConfig.kohyaKeys`; TrainingConfigTests checks that.
+public enum KohyaKeyHandling: Sendable, Equatable {
+    /// A `TrainingConfig` field (named by its Swift name) reads it.
+    case field(String)
+    /// A flat dataset argument: it goes into `datasetArguments` (a `SubsetConfig`), the `[general]` level of the
+    /// dataset, as kohya's argparse level does in `BlueprintGenerator.generate`.
+    case dataset
+    /// Accepted; it only tunes kohya's own runtime and lora-dist does the equivalent or better by itself. The
+    /// string is the one-line note shown at start.
+    case note(String)
+    /// A kohya feature lora-dist does not implement: the key is refused. The string says what it does in kohya.
+    case unsupported(String)
+}
+
+/// The value kinds a key accepts in a TOML (kohya parses a TOML's values as TOML types; argparse `type=` is not
+/// applied to them, so an integer is accepted where kohya declares `type=float`, as Python arithmetic would).
+enum ValueKind: Sendable {
+    case int, float, bool, string, strings
+    /// kohya `int_or_float`: an integer, or a float.
+    case intOrFloat
+    /// kohya `--resolution`: "W,H" or "N" as a string, an integer N, or [W, H].
+    case resolution
+    /// kohya `--text_encoder_lr` (nargs="*"): a number or a list of numbers.
+    case floatOrFloats
+    /// kohya `--face_crop_aug_range` and friends: anything; only the unsupported keys use it.
+    case any
+
+    var expected: String {
+        switch self {
+        case .int: return "an integer"
+        case .float: return "a number"
+        case .bool: return "true or false"
+        case .string: return "a string"
+        case .strings: return "an array of strings"
+        case .intOrFloat: return "an integer (steps) or a float (a ratio)"
+        case .resolution: return "an integer, \"W,H\" or [W, H]"
+        case .floatOrFloats: return "a number or an array of numbers"
+        case .any: return "any value"
+        }
+    }
+}
+
+extension TrainingConfig {
+    /// Implemented kohya keys → the TOML value kind they take. The loader's `apply` switch sets each one.
+    static let implementedKinds: [String: ValueKind] = [
+        "pretrained_model_name_or_path": .string, "v_parameterization": .bool,
+        "dataset_config": .string, "train_data_dir": .string, "reg_data_dir": .string,
+        "cache_latents": .bool, "cache_latents_to_disk": .bool,
+        "cache_text_encoder_outputs": .bool, "cache_text_encoder_outputs_to_disk": .bool,
+        "max_token_length": .int,
+        "output_dir": .string, "output_name": .string, "save_model_as": .string, "save_precision": .string,
+        "save_every_n_epochs": .int, "save_every_n_steps": .int, "save_last_n_steps": .int, "save_last_n_epochs": .int,
+        "save_state": .bool, "save_state_on_train_end": .bool, "resume": .string,
+        "max_train_steps": .int, "max_train_epochs": .int,
+        "gradient_accumulation_steps": .int, "gradient_checkpointing": .bool, "mixed_precision": .string,
+        "seed": .int, "learning_rate": .float, "unet_lr": .float, "text_encoder_lr": .floatOrFloats,
+        "lr_scheduler": .string, "lr_warmup_steps": .intOrFloat, "lr_scheduler_num_cycles": .int,
+        "lr_scheduler_power": .float, "optimizer_type": .string, "optimizer_args": .strings,
+        "use_8bit_adam": .bool, "use_lion_optimizer": .bool,
+        "max_grad_norm": .float, "noise_offset": .float, "noise_offset_random_strength": .bool,
+        "adaptive_noise_scale": .float, "multires_noise_iterations": .int, "multires_noise_discount": .float,
+        "ip_noise_gamma": .float, "ip_noise_gamma_random_strength": .bool, "min_snr_gamma": .float,
+        "debiased_estimation_loss": .bool, "scale_v_pred_loss_like_noise_pred": .bool, "v_pred_like_loss": .float,
+        "zero_terminal_snr": .bool, "min_timestep": .int, "max_timestep": .int, "loss_type": .string,
+        "huber_schedule": .string, "huber_c": .float, "huber_scale": .float,
+        "log_with": .string, "logging_dir": .string, "log_prefix": .string,
+        "network_module": .string, "network_dim": .int, "network_alpha": .float, "network_dropout": .float,
+        "network_args": .strings, "network_weights": .string, "network_train_unet_only": .bool,
+        "network_train_text_encoder_only": .bool,
+        "metadata_title": .string, "metadata_author": .string, "metadata_description": .string,
+        "metadata_license": .string, "metadata_tags": .string, "metadata_usage_hint": .string,
+        "metadata_thumbnail": .string, "metadata_merged_from": .string, "metadata_trigger_phrase": .string,
+        "metadata_preprocessor": .string, "metadata_is_negative_embedding": .string,
+        "training_comment": .string, "no_metadata": .bool,
+    ]
+
+    /// kohya's flat dataset arguments (add_dataset_arguments) that become the dataset's argparse level, with the
+    /// dataset-config name they stand for (kohya's ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME renames two).
+    static let datasetKinds: [String: (configName: String, kind: ValueKind)] = [
+        "shuffle_caption": ("shuffle_caption", .bool), "caption_separator": ("caption_separator", .string),
+        "caption_extension": ("caption_extension", .string), "keep_tokens": ("keep_tokens", .int),
+        "keep_tokens_separator": ("keep_tokens_separator", .string),
+        "secondary_separator": ("secondary_separator", .string), "enable_wildcard": ("enable_wildcard", .bool),
+        "caption_prefix": ("caption_prefix", .string), "caption_suffix": ("caption_suffix", .string),
+        "flip_aug": ("flip_aug", .bool), "resolution": ("resolution", .resolution),
+        "enable_bucket": ("enable_bucket", .bool), "min_bucket_reso": ("min_bucket_reso", .int),
+        "max_bucket_reso": ("max_bucket_reso", .int), "bucket_reso_steps": ("bucket_reso_steps", .int),
+        "bucket_no_upscale": ("bucket_no_upscale", .bool), "caption_dropout_rate": ("caption_dropout_rate", .float),
+        "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", .int),
+        "caption_tag_dropout_rate": ("caption_tag_dropout_rate", .float),
+        "dataset_repeats": ("num_repeats", .int), "prior_loss_weight": ("prior_loss_weight", .float),
+        // kohya's old misspelling, still read (train_util: `if args.caption_extention is not None: ...`).
+        "caption_extention": ("caption_extension", .string),
+    ]
+
+    /// Every kohya sdxl_train_network.py argument and how lora-dist treats it.
+    public static let kohyaKeys: [String: KohyaKeyHandling] = {
+        var table: [String: KohyaKeyHandling] = [:]
+        for key in implementedKinds.keys { table[key] = .field(swiftName(key)) }
+        for key in datasetKinds.keys { table[key] = .dataset }
+        for (key, note) in acceptedWithNote { table[key] = .note(note) }
+        for (key, what) in unsupported { table[key] = .unsupported(what) }
+        // Read by the loader itself: both trainBatchSize and the dataset's batch_size.
+        table["train_batch_size"] = .field("trainBatchSize")
+        return table
+    }()
+
+    /// kohya `snake_case` → Swift `camelCase` (with the few names the struct spells differently).
+    static func swiftName(_ key: String) -> String {
+        let special = ["unet_lr": "unetLR", "text_encoder_lr": "textEncoderLR", "min_snr_gamma": "minSNRGamma",
+                       "zero_terminal_snr": "zeroTerminalSNR", "dataset_config": "datasetConfigPath",
+                       "use_8bit_adam": "optimizerType", "use_lion_optimizer": "optimizerType"]
+        if let s = special[key] { return s }
+        if key.hasPrefix("metadata_") { return "modelSpecMetadata" }
+        let parts = key.split(separator: "_")
+        return parts.enumerated().map { i, p in i == 0 ? String(p) : p.prefix(1).uppercased() + p.dropFirst() }.joined()
+    }
+
+    /// Keys accepted with a one-line note: each only tunes kohya's PyTorch runtime, and lora-dist's own behaviour
+    /// (fp32 compute on its own engine, MPI data parallelism, a self-validating latent cache) covers it.
+    static let acceptedWithNote: [String: String] = [
+        "xformers": "xformers: lora-dist's attention is its own fused CPU kernel (no xformers needed)",
+        "sdpa": "sdpa: lora-dist's attention is its own fused CPU kernel (PyTorch SDPA not used)",
+        "mem_eff_attn": "mem_eff_attn: lora-dist's attention kernel already works in tiles without the full score matrix per head at once",
+        "torch_compile": "torch_compile: lora-dist does not use PyTorch; its kernels are compiled ahead of time",
+        "dynamo_backend": "dynamo_backend: lora-dist does not use PyTorch/TorchDynamo",
+        "max_data_loader_n_workers": "max_data_loader_n_workers: lora-dist decodes images once into its latent cache; no loader workers",
+        "persistent_data_loader_workers": "persistent_data_loader_workers: lora-dist has no data-loader worker processes",
+        "lowram": "lowram: lora-dist memory-maps the checkpoint and loads weights on demand",
+        "highvram": "highvram: lora-dist runs on the CPU; there is no VRAM to keep latents in",
+        "full_fp16": "full_fp16: lora-dist keeps LoRA weights, gradients and optimizer state in fp32",
+        "full_bf16": "full_bf16: lora-dist keeps LoRA weights, gradients and optimizer state in fp32",
+        "fp8_base": "fp8_base: lora-dist keeps the base model in its checkpoint dtype and computes in fp32 (no fp8 rounding)",
+        "fp8_base_unet": "fp8_base_unet: lora-dist keeps the base UNet in its checkpoint dtype and computes in fp32 (no fp8 rounding)",
+        "no_half_vae": "no_half_vae: lora-dist's VAE always encodes in fp32",
+        "vae_batch_size": "vae_batch_size: lora-dist encodes latents once per image into its cache (`lora-dist cache` spreads them over ranks)",
+        "skip_cache_check": "skip_cache_check: lora-dist's cache entries validate themselves cheaply on read",
+        "cache_info": "cache_info: lora-dist reads image sizes from file headers only; there is no metadata cache to keep",
+        "tokenizer_cache_dir": "tokenizer_cache_dir: the CLIP tokenizer is built into lora-dist (nothing is downloaded)",
+        "disable_mmap_load_safetensors": "disable_mmap_load_safetensors: lora-dist reads checkpoints through its own safetensors reader",
+        "cpu_offload_checkpointing": "cpu_offload_checkpointing: lora-dist trains on the CPU; gradient_checkpointing alone saves memory here",
+        "fused_backward_pass": "fused_backward_pass: lora-dist's LoRA gradients are small; it steps the optimizer after the all-reduce as usual (same result)",
+        "ddp_timeout": "ddp_timeout: lora-dist distributes with MPI (mpirun), not torch DDP",
+        "ddp_gradient_as_bucket_view": "ddp_gradient_as_bucket_view: lora-dist distributes with MPI, not torch DDP",
+        "ddp_static_graph": "ddp_static_graph: lora-dist distributes with MPI, not torch DDP",
+        "deepspeed": "deepspeed: lora-dist distributes with MPI data parallelism (LoRA state is small; no ZeRO sharding needed)",
+        "zero_stage": "zero_stage: lora-dist distributes with MPI data parallelism, not DeepSpeed ZeRO",
+        "offload_optimizer_device": "offload_optimizer_device: lora-dist's optimizer state already lives in CPU memory",
+        "offload_optimizer_nvme_path": "offload_optimizer_nvme_path: lora-dist's optimizer state lives in CPU memory",
+        "offload_param_device": "offload_param_device: lora-dist's parameters already live in CPU memory",
+        "offload_param_nvme_path": "offload_param_nvme_path: lora-dist's parameters live in CPU memory",
+        "zero3_init_flag": "zero3_init_flag: lora-dist does not use DeepSpeed",
+        "zero3_save_16bit_model": "zero3_save_16bit_model: lora-dist does not use DeepSpeed; save_precision picks the file dtype",
+        "fp16_master_weights_and_gradients": "fp16_master_weights_and_gradients: lora-dist keeps weights and gradients in fp32",
+        "console_log_level": "console_log_level: lora-dist prints its own progress (rank 0 only); [lora_dist] log_every sets the cadence",
+        "console_log_file": "console_log_file: redirect lora-dist's output instead (metrics go to [lora_dist] metrics_file)",
+        "console_log_simple": "console_log_simple: lora-dist prints plain lines whenever stdout is not a terminal",
+    ]
+
+    /// kohya features lora-dist does not implement: a TOML that sets one is refused, naming it.
+    static let unsupported: [String: String] = [
+        "v2": "trains Stable Diffusion 2.x; lora-dist trains SDXL only",
+        "clip_skip": "skips CLIP layers; kohya itself warns that SDXL ignores it",
+        "color_aug": "randomly shifts image colours; it cannot be combined with cached latents (kohya refuses that too)",
+        "face_crop_aug_range": "crops around faces by a random factor; it cannot be combined with cached latents",
+        "random_crop": "crops images at random positions; it cannot be combined with cached latents (kohya refuses that too)",
+        "token_warmup_min": "grows the number of caption tags over the first steps",
+        "token_warmup_step": "grows the number of caption tags over the first steps",
+        "alpha_mask": "uses the image's alpha channel as a loss mask",
+        "masked_loss": "weights the loss by a mask image",
+        "resize_interpolation": "picks the resize filter; lora-dist always resizes with Lanczos3",
+        "debug_dataset": "shows the dataset's images instead of training; run `lora-dist dataset` for a dataset report",
+        "dataset_class": "loads a user-written Python dataset class",
+        "in_json": "reads a fine-tuning metadata JSON; lora-dist reads DreamBooth folders and caption files",
+        "conditioning_data_dir": "trains ControlNet-style conditioning images",
+        "huggingface_repo_id": "uploads to the Hugging Face Hub", "huggingface_repo_type": "uploads to the Hugging Face Hub",
+        "huggingface_path_in_repo": "uploads to the Hugging Face Hub", "huggingface_token": "uploads to the Hugging Face Hub",
+        "huggingface_repo_visibility": "uploads to the Hugging Face Hub",
+        "save_state_to_huggingface": "uploads states to the Hugging Face Hub",
+        "resume_from_huggingface": "resumes from a state on the Hugging Face Hub",
+        "async_upload": "uploads to the Hugging Face Hub in the background",
+        "save_n_epoch_ratio": "saves a fixed number of times over the run; use save_every_n_epochs",
+        "save_last_n_epochs_state": "keeps the last N epoch states; use [lora_dist] keep_states",
+        "save_last_n_steps_state": "keeps the states of the last N steps; use [lora_dist] keep_states",
+        "vae": "replaces the checkpoint's VAE with another file; lora-dist encodes with the checkpoint's own VAE",
+        "log_tracker_name": "names the run in the tracker (wandb)", "wandb_run_name": "names the wandb run",
+        "log_tracker_config": "configures the wandb tracker", "wandb_api_key": "logs in to wandb",
+        "log_config": "uploads the config to wandb",
+        "sample_every_n_steps": "samples images during training", "sample_at_first": "samples images before training",
+        "sample_every_n_epochs": "samples images during training", "sample_prompts": "samples images during training",
+        "sample_sampler": "samples images during training",
+        "config_file": "names the training TOML; give it on the command line (`lora-dist train FILE`) instead",
+        "output_config": "writes the parsed arguments to a TOML instead of training",
+        "lr_scheduler_type": "loads a custom scheduler class by Python name; use lr_scheduler",
+        "lr_scheduler_args": "passes arguments to a custom scheduler class",
+        "lr_decay_steps": "sets the decay phase of warmup_stable_decay, which lora-dist does not implement",
+        "lr_scheduler_timescale": "sets inverse_sqrt's timescale, which lora-dist does not implement",
+        "lr_scheduler_min_lr_ratio": "sets cosine_with_min_lr's floor, which lora-dist does not implement",
+        "weighted_captions": "reads (token:weight) emphasis in captions",
+        "dim_from_weights": "takes the rank from network_weights; set network_dim to the file's rank",
+        "scale_weight_norms": "max-norm regularises LoRA weights",
+        "base_weights": "merges other LoRAs into the base model before training",
+        "base_weights_multiplier": "merges other LoRAs into the base model before training",
+        "skip_until_initial_step": "skips the data of steps before initial_step; use --resume",
+        "initial_epoch": "starts counting at a given epoch; use --resume", "initial_step": "starts counting at a given step; use --resume",
+        "validation_seed": "splits off a validation set", "validation_split": "splits off a validation set",
+        "validate_every_n_steps": "computes a validation loss", "validate_every_n_epochs": "computes a validation loss",
+        "max_validation_steps": "limits validation steps",
+    ]
+
+    /// lora-dist's own `[lora_dist]` keys.
+    static let loraDistKinds: [String: ValueKind] = [
+        "wire_format": .string, "threads_per_rank": .int, "cache_dir": .string, "cache_mode": .string,
+        "trigger": .string, "resolutions": .any, "keep_step_saves": .int, "log_every": .int,
+        "metrics_file": .string, "max_nonfinite_steps": .int, "parameter_check_every": .int, "keep_states": .int,
+    ]
+}

@@ -1,0 +1,659 @@
+import Crypto
+import Dataset
+import Distributed
+import Foundation
+import TOMLKit
+
+/// A value of an implemented kohya key, in kohya's terms (what `TrainingConfig.kohyaValue(of:)` returns).
+public enum KohyaValue: Equatable, Sendable, CustomStringConvertible {
+    case null
+    case bool(Bool)
+    case int(Int)
+    case float(Double)
+    case string(String)
+    case strings([String])
+    case ints([Int])
+    case floats([Double])
+
+    public var description: String {
+        switch self {
+        case .null: return "null"
+        case .bool(let b): return String(b)
+        case .int(let i): return String(i)
+        case .float(let d): return String(d)
+        case .string(let s): return "\"\(s)\""
+        case .strings(let a): return "[" + a.map { "\"\($0)\"" }.joined(separator: ", ") + "]"
+        case .ints(let a): return "\(a)"
+        case .floats(let a): return "\(a)"
+        }
+    }
+}
+
+/// The LoRA network's shape, from network_dim / network_alpha / network_dropout / network_args / the train-only
+/// switches, as kohya networks/lora.py `create_network` reads them.
+public struct NetworkOptions: Equatable, Sendable {
+    /// Rank of the Linear (and 1×1 conv) modules: kohya network_dim.
+    public var linearDim: Int
+    /// kohya network_alpha; scale = alpha / dim.
+    public var linearAlpha: Double
+    /// LoCon rank for the 3×3 convs (network_args conv_dim); nil = no conv LoRA.
+    public var convDim: Int?
+    /// network_args conv_alpha; kohya uses 1.0 when conv_dim is given without it.
+    public var convAlpha: Double?
+    /// Neuron dropout on the down projection's output (network_dropout, or network_args dropout which wins).
+    public var dropout: Double?
+    /// network_args rank_dropout: drops whole ranks.
+    public var rankDropout: Double?
+    /// network_args module_dropout: skips whole modules.
+    public var moduleDropout: Double?
+    /// kohya `train_unet = not network_train_text_encoder_only`.
+    public var trainUNet: Bool
+    /// kohya `train_text_encoder = not network_train_unet_only`.
+    public var trainTextEncoder: Bool
+
+    public init(linearDim: Int, linearAlpha: Double, convDim: Int? = nil, convAlpha: Double? = nil,
+                dropout: Double? = nil, rankDropout: Double? = nil, moduleDropout: Double? = nil,
+                trainUNet: Bool = true, trainTextEncoder: Bool = false) {
+        self.linearDim = linearDim; self.linearAlpha = linearAlpha; self.convDim = convDim; self.convAlpha = convAlpha
+        self.dropout = dropout; self.rankDropout = rankDropout; self.moduleDropout = moduleDropout
+        self.trainUNet = trainUNet; self.trainTextEncoder = trainTextEncoder
+    }
+}
+
+extension TrainingConfig {
+    // MARK: Loading
+
+    /// A kohya training TOML as is: sectioned ([model_arguments], [dataset_arguments], [training_arguments],
+    /// [network_arguments], [optimizer_arguments], [saving_arguments], [sample_prompt_arguments],
+    /// [logging_arguments], [sdxl_arguments], ... — like kohya's `read_config_from_file`, any section name is
+    /// flattened) or flat; plus lora-dist's own `[lora_dist]` section.
+    public static func load(toml url: URL) throws -> TrainingConfig {
+        let text: String
+        do { text = try String(contentsOf: url, encoding: .utf8) } catch {
+            throw TrainingConfigError(file: url.path, "cannot read the training config: \(error.localizedDescription)")
+        }
+        return try parse(toml: text, source: url.path, baseDirectory: url.deletingLastPathComponent())
+    }
+
+    /// The embedded demo (configs/demo.toml), parsed against the current directory.
+    public static var demo: TrainingConfig {
+        do {
+            return try parse(toml: demoTOML, source: "<demo>",
+                             baseDirectory: URL(fileURLWithPath: FileManager.default.currentDirectoryPath))
+        } catch {
+            // TrainingConfigTests parses demoTOML, so this only fires if the compiled-in text was broken.
+            fatalError("the embedded demo config does not parse: \(error)")
+        }
+    }
+
+    /// Parses a training TOML's text. `source` names it in errors; `baseDirectory` is where `dataset_config` is
+    /// looked for first (the TOML's folder). Other paths stay as written (kohya reads them relative to the
+    /// current directory, and so does lora-dist).
+    public static func parse(toml text: String, source: String, baseDirectory: URL) throws -> TrainingConfig {
+        let root: TOMLTable
+        do { root = try TOMLTable(string: text) } catch let e as TOMLParseError {
+            throw TrainingConfigError(file: source, "TOML syntax error at line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
+        } catch {
+            throw TrainingConfigError(file: source, "not a TOML file: \(error)")
+        }
+
+        // Flatten every section (kohya: "combine all sections into one"); [lora_dist] is ours.
+        var entries: [(key: String, value: TOMLValueConvertible, section: String?)] = []
+        var loraTable: TOMLTable? = nil
+        for name in root.keys {
+            let v = root[name]!
+            if name == "lora_dist" {
+                guard let t = v.table else {
+                    throw TrainingConfigError(file: source, key: "lora_dist", "must be a section ([lora_dist]), got \(show(v))")
+                }
+                loraTable = t
+            } else if let t = v.table {
+                for k in t.keys { entries.append((k, t[k]!, name)) }
+            } else {
+                entries.append((name, v, nil))
+            }
+        }
+        var seenIn: [String: String] = [:]
+        for e in entries {
+            let here = e.section.map { "[\($0)]" } ?? "the top level"
+            if let there = seenIn[e.key] {
+                throw TrainingConfigError(file: source, key: e.key,
+                    "is set twice (in \(there) and in \(here)); kohya would silently keep one — keep only one")
+            }
+            seenIn[e.key] = here
+        }
+
+        var c = TrainingConfig()
+        c.sourceFile = source
+        var optimizerTypeSet = false, use8bitAdam = false, useLion = false
+        for e in entries.sorted(by: { $0.key < $1.key }) {
+            let key = e.key, v = e.value
+            if let kind = implementedKinds[key] {
+                let value = try decode(v, as: kind, key: key, file: source)
+                if key == "optimizer_type" { optimizerTypeSet = true }
+                if key == "use_8bit_adam", case .bool(let b) = value { use8bitAdam = b; continue }
+                if key == "use_lion_optimizer", case .bool(let b) = value { useLion = b; continue }
+                try c.apply(key: key, value: value, baseDirectory: baseDirectory)
+            } else if key == "train_batch_size" {
+                guard case .int(let n) = try decode(v, as: .int, key: key, file: source) else { continue }
+                guard n >= 1 else { throw c.error(key, "is \(n); it must be at least 1") }
+                c.trainBatchSize = n
+                c.datasetArguments.batchSize = n
+                c.datasetArgumentKeys.insert("batch_size")
+            } else if let d = datasetKinds[key] {
+                let value = try decode(v, as: d.kind, key: key, file: source)
+                try c.applyDatasetArgument(key: key, configName: d.configName, value: value)
+            } else if let note = acceptedWithNote[key] {
+                c.notes.append(note)
+            } else if let what = unsupported[key] {
+                throw TrainingConfigError(file: source, key: key,
+                    "= \(show(v)): `\(key)` is a kohya option lora-dist does not implement (it \(what)) — remove it")
+            } else if loraDistKinds[key] != nil {
+                throw TrainingConfigError(file: source, key: key,
+                    "is a lora-dist setting; move it into the [lora_dist] section")
+            } else {
+                throw unknownKey(key, in: e.section.map { "[\($0)]" } ?? "the top level", file: source,
+                                 candidates: Array(kohyaKeys.keys) + loraDistKinds.keys.map { "lora_dist." + $0 })
+            }
+        }
+        // kohya get_optimizer: the legacy switches pick the optimizer when optimizer_type is not given.
+        if use8bitAdam && useLion {
+            throw c.error("use_8bit_adam", "and use_lion_optimizer are both true (kohya refuses this too) — keep one, or set optimizer_type")
+        }
+        if use8bitAdam || useLion {
+            let flag = use8bitAdam ? "use_8bit_adam" : "use_lion_optimizer"
+            if optimizerTypeSet {
+                throw c.error(flag, "is true and optimizer_type is set too (kohya refuses this) — keep only optimizer_type")
+            }
+            c.optimizerType = use8bitAdam ? "AdamW8bit" : "Lion"
+            c.notes.append("\(flag): optimizer_type \(c.optimizerType) (kohya's legacy switch)")
+        }
+
+        if let t = loraTable {
+            for key in t.keys.sorted() {
+                let v = t[key]!
+                if let kind = loraDistKinds[key] {
+                    try c.applyLoraDist(key: key, value: v, kind: kind)
+                } else if kohyaKeys[key] != nil {
+                    throw TrainingConfigError(file: source, key: "lora_dist.\(key)",
+                        "is a kohya option, not a lora-dist one; move it out of [lora_dist] (into any other section)")
+                } else {
+                    throw unknownKey(key, in: "[lora_dist]", file: source, candidates: Array(loraDistKinds.keys))
+                }
+            }
+        }
+        try c.validate()
+        c.datasetSource = c.datasetConfigPath ?? c.trainDataDir ?? ""
+        // Resolve the dataset now where that needs nothing the trainer makes (builtin:shapes is written at train
+        // time; a missing dataset TOML is reported by datasetConfig(builtinFolder:)), so bad bucket settings and
+        // dataset TOML errors surface at load.
+        if c.trainDataDir != "builtin:shapes", c.datasetConfigPath.map({ FileManager.default.fileExists(atPath: $0) }) ?? true {
+            c.dataset = try c.datasetConfig(builtinFolder: baseDirectory)
+        }
+        return c
+    }
+
+    static func unknownKey(_ key: String, in place: String, file: String, candidates: [String]) -> TrainingConfigError {
+        var msg = "unknown key in \(place)"
+        if let guess = closestKey(to: key, in: candidates) {
+            msg += guess.hasPrefix("lora_dist.")
+                ? "; did you mean `\(guess.dropFirst("lora_dist.".count))` (in the [lora_dist] section)?"
+                : "; did you mean `\(guess)`?"
+        } else {
+            msg += " (neither a kohya sdxl_train_network.py option nor a [lora_dist] setting) — remove it or fix its spelling"
+        }
+        return TrainingConfigError(file: file, key: key, msg)
+    }
+
+    func error(_ key: String, _ message: String) -> TrainingConfigError {
+        TrainingConfigError(file: sourceFile, key: key, message)
+    }
+
+    /// A TOML value as written, for messages.
+    static func show(_ v: TOMLValueConvertible) -> String {
+        if let s = v.string { return "\"\(s)\"" }
+        if v.table != nil { return "a table" }
+        return v.debugDescription
+    }
+
+    static func decode(_ v: TOMLValueConvertible, as kind: ValueKind, key: String, file: String) throws -> KohyaValue {
+        func bad() -> TrainingConfigError {
+            let got: String
+            switch v.type {
+            case .string: got = "a string"
+            case .int: got = "an integer"
+            case .double: got = "a float"
+            case .bool: got = "a boolean"
+            case .array: got = "an array"
+            case .table: got = "a table"
+            default: got = "a \(v.type)"
+            }
+            return TrainingConfigError(file: file, key: key, "= \(show(v)) is \(got); it must be \(kind.expected)")
+        }
+        switch kind {
+        case .int:
+            guard let i = v.int else { throw bad() }
+            return .int(i)
+        case .float:
+            if let d = v.double { return .float(d) }
+            if let i = v.int { return .float(Double(i)) }
+            throw bad()
+        case .bool:
+            guard let b = v.bool else { throw bad() }
+            return .bool(b)
+        case .string:
+            guard let s = v.string else { throw bad() }
+            return .string(s)
+        case .strings:
+            guard let a = v.array else { throw bad() }
+            var out: [String] = []
+            for x in a { guard let s = x.string else { throw bad() }; out.append(s) }
+            return .strings(out)
+        case .intOrFloat:
+            if let i = v.int { return .int(i) }
+            if let d = v.double { return .float(d) }
+            throw bad()
+        case .resolution:
+            if let i = v.int { return .ints([i, i]) }
+            if let s = v.string {
+                // kohya prepare_dataset_args: tuple(int(r) for r in resolution.split(",")); one number = square.
+                let parts = s.split(separator: ",", omittingEmptySubsequences: false)
+                    .map { Int($0.trimmingCharacters(in: .whitespaces)) }
+                if parts.count == 1, let n = parts[0] { return .ints([n, n]) }
+                if parts.count == 2, let w = parts[0], let h = parts[1] { return .ints([w, h]) }
+                throw bad()
+            }
+            if let a = v.array, a.count == 2, let w = a[0].int, let h = a[1].int { return .ints([w, h]) }
+            throw bad()
+        case .floatOrFloats:
+            if let d = v.double { return .floats([d]) }
+            if let i = v.int { return .floats([Double(i)]) }
+            if let a = v.array {
+                var out: [Double] = []
+                for x in a {
+                    if let d = x.double { out.append(d) } else if let i = x.int { out.append(Double(i)) } else { throw bad() }
+                }
+                return .floats(out)
+            }
+            throw bad()
+        case .any:
+            return .null
+        }
+    }
+
+    // MARK: Applying values
+
+    static let optimizers = ["adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion", "prodigy": "Prodigy",
+                             "adafactor": "Adafactor"]
+    static let schedulers = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+    mutating func apply(key: String, value: KohyaValue, baseDirectory: URL) throws {
+        func str() -> String { if case .string(let s) = value { return s }; return "" }
+        func int() -> Int { if case .int(let i) = value { return i }; return 0 }
+        func dbl() -> Double { if case .float(let d) = value { return d }; return 0 }
+        func bool() -> Bool { if case .bool(let b) = value { return b }; return false }
+        func strings() -> [String] { if case .strings(let a) = value { return a }; return [] }
+        func positive(_ n: Int) throws -> Int {
+            guard n >= 1 else { throw error(key, "is \(n); it must be at least 1") }
+            return n
+        }
+        func nonNegative(_ d: Double) throws -> Double {
+            guard d >= 0, d.isFinite else { throw error(key, "is \(d); it must be a finite number ≥ 0") }
+            return d
+        }
+        func oneOf(_ allowed: [String]) throws -> String {
+            let s = str()
+            guard allowed.contains(s) else {
+                throw error(key, "= \"\(s)\" is not one of \(allowed.map { "\"\($0)\"" }.joined(separator: ", "))")
+            }
+            return s
+        }
+        switch key {
+        case "pretrained_model_name_or_path": pretrainedModelNameOrPath = str()
+        case "v_parameterization": vParameterization = bool()
+        case "dataset_config":
+            let path = str()
+            let relative = URL(fileURLWithPath: path, relativeTo: baseDirectory).standardizedFileURL
+            let fm = FileManager.default
+            if path.hasPrefix("/") || fm.fileExists(atPath: relative.path) || !fm.fileExists(atPath: path) {
+                datasetConfigPath = path.hasPrefix("/") ? path : relative.path
+            } else {
+                // kohya reads it relative to the current directory; lora-dist first tries the TOML's folder.
+                datasetConfigPath = URL(fileURLWithPath: path).standardizedFileURL.path
+                notes.append("dataset_config: \(path) is not next to \(sourceFile); using \(datasetConfigPath!) (relative to the current directory, as kohya reads it)")
+            }
+        case "train_data_dir": trainDataDir = str()
+        case "reg_data_dir": regDataDir = str()
+        case "cache_latents": cacheLatents = bool()
+        case "cache_latents_to_disk": cacheLatentsToDisk = bool()
+        case "cache_text_encoder_outputs": cacheTextEncoderOutputs = bool()
+        case "cache_text_encoder_outputs_to_disk": cacheTextEncoderOutputsToDisk = bool()
+        case "max_token_length":
+            guard [150, 225].contains(int()) else {
+                throw error(key, "= \(int()) is not one of 150, 225 (kohya's choices; leave it out for 75)")
+            }
+            maxTokenLength = int()
+        case "output_dir": outputDir = str()
+        case "output_name": outputName = str()
+        case "save_model_as":
+            guard str() == "safetensors" else {
+                throw error(key, "= \"\(str())\": lora-dist writes only \"safetensors\" (kohya's .ckpt/.pt are pickles) — use \"safetensors\"")
+            }
+            saveModelAs = str()
+        case "save_precision": savePrecision = try oneOf(["float", "fp16", "bf16"])
+        case "save_every_n_epochs": saveEveryNEpochs = try positive(int())
+        case "save_every_n_steps": saveEveryNSteps = try positive(int())
+        case "save_last_n_steps": saveLastNSteps = try positive(int())
+        case "save_last_n_epochs": saveLastNEpochs = try positive(int())
+        case "save_state": saveState = bool()
+        case "save_state_on_train_end": saveStateOnTrainEnd = bool()
+        case "resume": resume = str()
+        case "max_train_steps": maxTrainSteps = try positive(int())
+        case "max_train_epochs": maxTrainEpochs = try positive(int())
+        case "gradient_accumulation_steps": gradientAccumulationSteps = try positive(int())
+        case "gradient_checkpointing": gradientCheckpointing = bool()
+        case "mixed_precision":
+            mixedPrecision = try oneOf(["no", "fp16", "bf16"])
+            if mixedPrecision != "no" {
+                notes.append("mixed_precision \(mixedPrecision): lora-dist computes in fp32 (base weights stay in their checkpoint dtype); save_precision sets the file's dtype")
+            }
+        case "seed": seed = int()
+        case "learning_rate": learningRate = try nonNegative(dbl())
+        case "unet_lr": unetLR = try nonNegative(dbl())
+        case "text_encoder_lr":
+            guard case .floats(let lrs) = value, !lrs.isEmpty else { throw error(key, "is empty; give one learning rate") }
+            // kohya takes one rate per text encoder; lora-dist has one text-encoder group.
+            guard Set(lrs).count == 1 else {
+                throw error(key, "= \(lrs): a different rate per text encoder is not implemented — give one number")
+            }
+            textEncoderLR = try nonNegative(lrs[0])
+        case "lr_scheduler":
+            guard Self.schedulers.contains(str()) else {
+                throw error(key, "= \"\(str())\": lora-dist implements \(Self.schedulers.joined(separator: ", ")) — pick one of those")
+            }
+            lrScheduler = str()
+        case "lr_warmup_steps":
+            switch value {
+            case .int(let n):
+                guard n >= 0 else { throw error(key, "is \(n); it must be ≥ 0") }
+                lrWarmupSteps = Double(n)
+            case .float(let r):
+                // kohya: a float is a ratio of the total steps (int(ratio * steps)); ≥ 1 would be more warmup than run.
+                guard r >= 0, r < 1 else {
+                    throw error(key, "= \(r): a float is a ratio of max_train_steps and must be in [0, 1); write an integer for a number of steps")
+                }
+                lrWarmupSteps = r
+            default: break
+            }
+        case "lr_scheduler_num_cycles": lrSchedulerNumCycles = try positive(int())
+        case "lr_scheduler_power": lrSchedulerPower = dbl()
+        case "optimizer_type":
+            // kohya lower-cases optimizer_type before matching; "" means AdamW (its default).
+            let s = str()
+            if s.isEmpty { optimizerType = "AdamW"; break }
+            guard let name = Self.optimizers[s.lowercased()] else {
+                throw error(key, "= \"\(s)\": lora-dist implements \(Self.optimizers.values.sorted().joined(separator: ", ")) — pick one of those")
+            }
+            optimizerType = name
+        case "optimizer_args":
+            for a in strings() where a.split(separator: "=", omittingEmptySubsequences: false).count < 2 {
+                throw error(key, "entry \"\(a)\" is not key=value (e.g. \"weight_decay=0.01\")")
+            }
+            optimizerArgs = strings()
+        case "max_grad_norm": maxGradNorm = try nonNegative(dbl())
+        case "noise_offset": noiseOffset = dbl()
+        case "noise_offset_random_strength": noiseOffsetRandomStrength = bool()
+        case "adaptive_noise_scale": adaptiveNoiseScale = dbl()
+        case "multires_noise_iterations": multiresNoiseIterations = try positive(int())
+        case "multires_noise_discount": multiresNoiseDiscount = dbl()
+        case "ip_noise_gamma": ipNoiseGamma = dbl()
+        case "ip_noise_gamma_random_strength": ipNoiseGammaRandomStrength = bool()
+        case "min_snr_gamma":
+            guard dbl() > 0 else { throw error(key, "is \(dbl()); it must be > 0 (kohya's papers use 1 to 5)") }
+            minSNRGamma = dbl()
+        case "debiased_estimation_loss": debiasedEstimationLoss = bool()
+        case "scale_v_pred_loss_like_noise_pred": scaleVPredLossLikeNoisePred = bool()
+        case "v_pred_like_loss": vPredLikeLoss = dbl()
+        case "zero_terminal_snr": zeroTerminalSNR = bool()
+        case "min_timestep": minTimestep = int()
+        case "max_timestep": maxTimestep = int()
+        case "loss_type": lossType = try oneOf(["l1", "l2", "huber", "smooth_l1"])
+        case "huber_schedule": huberSchedule = try oneOf(["constant", "exponential", "snr"])
+        case "huber_c": huberC = dbl()
+        case "huber_scale": huberScale = dbl()
+        case "log_with":
+            guard str() == "tensorboard" else {
+                throw error(key, "= \"\(str())\": lora-dist logs to TensorBoard event files and JSONL only (no wandb) — use \"tensorboard\" or remove it")
+            }
+            logWith = str()
+        case "logging_dir": loggingDir = str()
+        case "log_prefix": logPrefix = str()
+        case "network_module":
+            guard str() == "networks.lora" else {
+                throw error(key, "= \"\(str())\": lora-dist trains kohya's networks.lora (LoRA, and LoCon via network_args conv_dim) only — use \"networks.lora\"")
+            }
+            networkModule = str()
+        case "network_dim": networkDim = try positive(int())
+        case "network_alpha": networkAlpha = dbl()
+        case "network_dropout": networkDropout = dbl()
+        case "network_args": networkArgs = strings()
+        case "network_weights": networkWeights = str()
+        case "network_train_unet_only": networkTrainUnetOnly = bool()
+        case "network_train_text_encoder_only": networkTrainTextEncoderOnly = bool()
+        case "training_comment": trainingComment = str()
+        case "no_metadata": noMetadata = bool()
+        default:
+            if key.hasPrefix("metadata_") {
+                modelSpecMetadata[String(key.dropFirst("metadata_".count))] = str()
+            } else {
+                preconditionFailure("implementedKinds has \(key) but apply does not")
+            }
+        }
+    }
+
+    mutating func applyDatasetArgument(key: String, configName: String, value: KohyaValue) throws {
+        var s = datasetArguments
+        switch (configName, value) {
+        case ("shuffle_caption", .bool(let b)): s.shuffleCaption = b
+        case ("caption_separator", .string(let v)): s.captionSeparator = v
+        case ("caption_extension", .string(let v)):
+            if key == "caption_extention" {
+                notes.append("caption_extention: read as caption_extension \"\(v)\" (kohya's old spelling)")
+            }
+            s.captionExtension = v
+        case ("keep_tokens", .int(let n)): s.keepTokens = n
+        case ("keep_tokens_separator", .string(let v)): s.keepTokensSeparator = v
+        case ("secondary_separator", .string(let v)): s.secondarySeparator = v
+        case ("enable_wildcard", .bool(let b)): s.enableWildcard = b
+        case ("caption_prefix", .string(let v)): s.captionPrefix = v
+        case ("caption_suffix", .string(let v)): s.captionSuffix = v
+        case ("flip_aug", .bool(let b)): s.flipAug = b
+        case ("resolution", .ints(let r)):
+            guard r.allSatisfy({ $0 > 0 }) else { throw error(key, "= \(r): sides must be positive") }
+            s.resolution = r
+        case ("enable_bucket", .bool(let b)): s.enableBucket = b
+        case ("min_bucket_reso", .int(let n)): s.minBucketReso = n
+        case ("max_bucket_reso", .int(let n)): s.maxBucketReso = n
+        case ("bucket_reso_steps", .int(let n)): s.bucketResoSteps = n
+        case ("bucket_no_upscale", .bool(let b)): s.bucketNoUpscale = b
+        case ("caption_dropout_rate", .float(let d)): s.captionDropoutRate = d
+        case ("caption_dropout_every_n_epochs", .int(let n)): s.captionDropoutEveryNEpochs = n
+        case ("caption_tag_dropout_rate", .float(let d)): s.captionTagDropoutRate = d
+        case ("num_repeats", .int(let n)):
+            guard n >= 1 else { throw error(key, "is \(n); it must be at least 1") }
+            s.numRepeats = n
+        case ("prior_loss_weight", .float(let d)): s.priorLossWeight = d
+        default: preconditionFailure("datasetKinds maps \(key) to \(configName) with \(value), which is not handled")
+        }
+        datasetArguments = s
+        datasetArgumentKeys.insert(configName)
+    }
+
+    mutating func applyLoraDist(key: String, value v: TOMLValueConvertible, kind: ValueKind) throws {
+        let name = "lora_dist.\(key)"
+        func bad(_ want: String) -> TrainingConfigError {
+            TrainingConfigError(file: sourceFile, key: name, "= \(Self.show(v)); it must be \(want)")
+        }
+        func int(atLeast low: Int) throws -> Int {
+            guard let i = v.int else { throw bad("an integer") }
+            guard i >= low else { throw bad("an integer ≥ \(low)") }
+            return i
+        }
+        func str() throws -> String { guard let s = v.string else { throw bad("a string") }; return s }
+        switch key {
+        case "wire_format":
+            guard let w = WireFormat(rawValue: try str()) else { throw bad("one of \"none\", \"fp32\", \"bf16\"") }
+            lora.wireFormat = w
+        case "threads_per_rank": lora.threadsPerRank = try int(atLeast: 1)
+        case "cache_dir": lora.cacheDir = try str()
+        case "cache_mode":
+            switch try str() {
+            case "shared": lora.cacheMode = .shared
+            case "node_local", "node-local": lora.cacheMode = .nodeLocal
+            default: throw bad("\"shared\" or \"node_local\"")
+            }
+        case "trigger":
+            let t = try str()
+            guard !t.trimmingCharacters(in: .whitespaces).isEmpty else { throw bad("a non-empty trigger word") }
+            lora.trigger = t
+        case "resolutions":
+            guard let a = v.array, a.count >= 1 else { throw bad("a non-empty array of integers, e.g. [512, 768]") }
+            var out: [Int] = []
+            for x in a {
+                guard let i = x.int, i > 0 else { throw bad("an array of positive integers, e.g. [512, 768]") }
+                out.append(i)
+            }
+            guard Set(out).count == out.count else { throw bad("an array without repeats") }
+            lora.resolutions = out
+        case "keep_step_saves": lora.keepStepSaves = try int(atLeast: 1)
+        case "log_every": lora.logEvery = try int(atLeast: 1)
+        case "metrics_file": lora.metricsFile = try str()
+        case "max_nonfinite_steps": lora.maxNonFiniteSteps = try int(atLeast: 1)
+        case "parameter_check_every": lora.parameterCheckEvery = try int(atLeast: 0)
+        case "keep_states": lora.keepStates = try int(atLeast: 1)
+        default: preconditionFailure("loraDistKinds has \(key) but applyLoraDist does not")
+        }
+    }
+
+    /// Checks across keys, as kohya's verify_training_args / assert_extra_args do (its warnings become notes,
+    /// its errors errors).
+    mutating func validate() throws {
+        if pretrainedModelNameOrPath.isEmpty {
+            throw error("pretrained_model_name_or_path", "is not set — give the SDXL checkpoint (.safetensors), a diffusers folder, or \"builtin:tiny\"")
+        }
+        if datasetConfigPath == nil && trainDataDir == nil {
+            throw error("train_data_dir", "is not set and neither is dataset_config — give the image folder (or \"builtin:shapes\"), or a dataset TOML")
+        }
+        if datasetConfigPath != nil {
+            // kohya train_network.py: with a dataset config, train_data_dir / reg_data_dir are ignored (warned).
+            for (k, v) in [("train_data_dir", trainDataDir), ("reg_data_dir", regDataDir)] where v != nil {
+                notes.append("\(k): ignored because dataset_config is given (kohya ignores it too)")
+            }
+            trainDataDir = nil; regDataDir = nil
+        }
+        if networkTrainUnetOnly && networkTrainTextEncoderOnly {
+            throw error("network_train_unet_only", "and network_train_text_encoder_only are both true — keep at most one")
+        }
+        if cacheTextEncoderOutputs && !networkTrainUnetOnly {
+            throw error("cache_text_encoder_outputs", "needs network_train_unet_only = true: a text-encoder LoRA cannot train on cached text-encoder outputs (kohya asserts this too)")
+        }
+        if cacheLatentsToDisk && !cacheLatents {
+            cacheLatents = true   // kohya verify_training_args does the same
+            notes.append("cache_latents_to_disk: cache_latents is enabled too (as kohya does)")
+        }
+        if adaptiveNoiseScale != nil && noiseOffset == nil {
+            throw error("adaptive_noise_scale", "needs noise_offset (kohya refuses it alone) — set noise_offset too")
+        }
+        if scaleVPredLossLikeNoisePred && !vParameterization {
+            throw error("scale_v_pred_loss_like_noise_pred", "needs v_parameterization = true (kohya refuses it otherwise)")
+        }
+        if let v = vPredLikeLoss, v != 0, vParameterization {
+            throw error("v_pred_like_loss", "cannot be used with v_parameterization (kohya refuses it too) — remove one")
+        }
+        if zeroTerminalSNR && !vParameterization {
+            notes.append("zero_terminal_snr without v_parameterization: kohya warns that training will be unexpected")
+        }
+        if let lo = minTimestep, !(0...999).contains(lo) { throw error("min_timestep", "is \(lo); it must be in 0...999") }
+        if let hi = maxTimestep, !(1...1000).contains(hi) { throw error("max_timestep", "is \(hi); it must be in 1...1000") }
+        if let lo = minTimestep, let hi = maxTimestep, lo >= hi {
+            throw error("min_timestep", "\(lo) is not below max_timestep \(hi) — timesteps are drawn from [min, max)")
+        }
+        if let r = datasetArguments.resolution, lora.resolutions != nil {
+            notes.append("resolution \(r[0]),\(r[1]): replaced by [lora_dist] resolutions \(lora.resolutions!)")
+        }
+        _ = try networkOptions
+    }
+
+    // MARK: Network
+
+    /// kohya network_args names lora-dist does not implement, with what they do.
+    static let unsupportedNetworkArgs: [String: String] = [
+        "down_lr_weight": "per-block learning-rate weights", "mid_lr_weight": "per-block learning-rate weights",
+        "up_lr_weight": "per-block learning-rate weights", "block_lr_zero_threshold": "per-block learning-rate weights",
+        "block_dims": "per-block ranks", "block_alphas": "per-block alphas", "conv_block_dims": "per-block conv ranks",
+        "conv_block_alphas": "per-block conv alphas", "loraplus_lr_ratio": "LoRA+ learning-rate ratios",
+        "loraplus_unet_lr_ratio": "LoRA+ learning-rate ratios", "loraplus_text_encoder_lr_ratio": "LoRA+ learning-rate ratios",
+    ]
+
+    /// The network args parsed (kohya networks/lora.py `create_network`): conv_dim, conv_alpha, dropout,
+    /// rank_dropout, module_dropout. An unknown or unimplemented arg is an error naming it.
+    public var networkOptions: NetworkOptions {
+        get throws {
+            var o = NetworkOptions(linearDim: networkDim, linearAlpha: networkAlpha, dropout: networkDropout,
+                                   trainUNet: !networkTrainTextEncoderOnly, trainTextEncoder: !networkTrainUnetOnly)
+            let known = ["conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout"]
+            var seen: Set<String> = []
+            for arg in networkArgs {
+                // kohya: key, value = net_arg.split("=") — exactly one "=".
+                let parts = arg.split(separator: "=", omittingEmptySubsequences: false).map {
+                    String($0).trimmingCharacters(in: .whitespaces)
+                }
+                guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+                    throw error("network_args", "entry \"\(arg)\" is not key=value (e.g. \"conv_dim=8\")")
+                }
+                let (k, v) = (parts[0], parts[1])
+                guard !seen.contains(k) else { throw error("network_args", "sets \(k) twice — keep one") }
+                seen.insert(k)
+                func number() throws -> Double {
+                    guard let d = Double(v), d.isFinite else {
+                        throw error("network_args", "\(k)=\(v): \(v) is not a number")
+                    }
+                    return d
+                }
+                func rate() throws -> Double {
+                    let d = try number()
+                    guard (0..<1).contains(d) else { throw error("network_args", "\(k)=\(v): a dropout rate must be in [0, 1)") }
+                    return d
+                }
+                switch k {
+                case "conv_dim":
+                    // kohya: int(conv_dim); Python's int() refuses "8.0".
+                    guard let n = Int(v), n >= 1 else {
+                        throw error("network_args", "conv_dim=\(v): the conv rank must be a positive integer")
+                    }
+                    o.convDim = n
+                case "conv_alpha": o.convAlpha = try number()
+                case "dropout": o.dropout = try rate()
+                case "rank_dropout": o.rankDropout = try rate()
+                case "module_dropout": o.moduleDropout = try rate()
+                default:
+                    if let what = Self.unsupportedNetworkArgs[k] {
+                        throw error("network_args", "\(k) is a kohya network arg lora-dist does not implement (\(what)) — remove it")
+                    }
+                    let guess = closestKey(to: k, in: known + Array(Self.unsupportedNetworkArgs.keys))
+                    throw error("network_args", "unknown network arg \(k)"
+                        + (guess.map { "; did you mean \($0)?" } ?? " (networks.lora reads \(known.joined(separator: ", ")))"))
+                }
+            }
+            // kohya: conv_alpha defaults to 1.0 when conv_dim is given; conv_alpha alone does nothing there.
+            if o.convDim != nil && o.convAlpha == nil { o.convAlpha = 1.0 }
+            if o.convDim == nil && o.convAlpha != nil {
+                throw error("network_args", "conv_alpha without conv_dim does nothing — add conv_dim (e.g. \"conv_dim=8\") or remove conv_alpha")
+            }
+            if let d = o.dropout, !(0..<1).contains(d) {
+                throw error("network_dropout", "is \(d); a dropout rate must be in [0, 1)")
+            }
+            return o
+        }
+    }
+}

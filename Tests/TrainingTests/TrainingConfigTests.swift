@@ -1,0 +1,434 @@
+import Dataset
+import Distributed
+import Foundation
+import Training
+import XCTest
+
+/// The training TOML loader (Sources/Training/Config). The kohya argument list these tests check against is
+/// Tests/Fixtures/training/kohya_args.json, written by make_kohya_args.py from kohya-ss/sd-scripts' own source
+/// (commit 48d368fa557731ad0488c07304dfeba8c07910eb) with Python's `ast`: names, defaults and types of every
+/// argparse argument sdxl_train_network.py defines.
+final class TrainingConfigTests: XCTestCase {
+    static let repoRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent()
+    static let configs = repoRoot.appendingPathComponent("configs")
+
+    struct KohyaArgument: Decodable {
+        let name: String
+        let type: String
+        let `default`: JSONValue
+        let defined_in: String
+    }
+    enum JSONValue: Decodable, Equatable {
+        case null, bool(Bool), number(Double), string(String), other
+        init(from decoder: Decoder) throws {
+            let c = try decoder.singleValueContainer()
+            if c.decodeNil() { self = .null }
+            else if let b = try? c.decode(Bool.self) { self = .bool(b) }
+            else if let d = try? c.decode(Double.self) { self = .number(d) }
+            else if let s = try? c.decode(String.self) { self = .string(s) }
+            else { self = .other }
+        }
+    }
+    struct KohyaArgs: Decodable { let commit: String; let arguments: [KohyaArgument] }
+
+    static func kohyaArgs() throws -> KohyaArgs {
+        let url = repoRoot.appendingPathComponent("Tests/Fixtures/training/kohya_args.json")
+        return try JSONDecoder().decode(KohyaArgs.self, from: Data(contentsOf: url))
+    }
+
+    func parse(_ text: String, base: URL = URL(fileURLWithPath: NSTemporaryDirectory())) throws -> TrainingConfig {
+        try TrainingConfig.parse(toml: text, source: "test.toml", baseDirectory: base)
+    }
+
+    /// The error `body` throws, as text (fails the test when it does not throw a TrainingConfigError).
+    func message(_ body: () throws -> Any, file: StaticString = #filePath, line: UInt = #line) -> String {
+        do {
+            _ = try body()
+            XCTFail("expected a TrainingConfigError", file: file, line: line)
+            return ""
+        } catch let e as TrainingConfigError {
+            return e.description
+        } catch {
+            XCTFail("expected a TrainingConfigError, got \(error)", file: file, line: line)
+            return ""
+        }
+    }
+
+    let minimal = """
+        pretrained_model_name_or_path = "model.safetensors"
+        train_data_dir = "images"
+        resolution = 512
+
+        """
+
+    // MARK: The kohya argument table
+
+    /// Every argument kohya's parser defines is implemented, accepted with a note, or refused by name; and the
+    /// table names no argument kohya does not have.
+    func testEveryKohyaArgumentIsHandled() throws {
+        let args = try Self.kohyaArgs()
+        XCTAssertEqual(args.commit, "48d368fa557731ad0488c07304dfeba8c07910eb")
+        XCTAssertGreaterThan(args.arguments.count, 150)
+        let names = Set(args.arguments.map(\.name))
+        let missing = names.subtracting(TrainingConfig.kohyaKeys.keys).sorted()
+        XCTAssertEqual(missing, [], "kohya arguments with no handling in TrainingConfig.kohyaKeys")
+        let invented = Set(TrainingConfig.kohyaKeys.keys).subtracting(names).sorted()
+        XCTAssertEqual(invented, [], "TrainingConfig.kohyaKeys names arguments kohya's parser does not define")
+        // Every implemented key is readable back in kohya's terms.
+        for (key, handling) in TrainingConfig.kohyaKeys {
+            switch handling {
+            case .field, .dataset: XCTAssertNotNil(TrainingConfig().kohyaValue(of: key), key)
+            case .note(let n): XCTAssertTrue(n.hasPrefix(key + ":"), "note for \(key) should start with the key: \(n)")
+            case .unsupported(let what): XCTAssertFalse(what.isEmpty, key)
+            }
+        }
+    }
+
+    /// Implemented fields default to kohya's argparse defaults, except where kohya's argparse default is a
+    /// placeholder that its code replaces; each exception names the kohya line that does it.
+    func testImplementedDefaultsEqualKohyaDefaults() throws {
+        let effective: [String: (KohyaValue, String)] = [
+            "network_dim": (.int(4), "networks/lora.py create_network: `if network_dim is None: network_dim = 4`"),
+            "network_module": (.string("networks.lora"), "train_network.py imports args.network_module; lora-dist has only networks.lora"),
+            "optimizer_type": (.string("AdamW"), "train_util.get_optimizer: `if optimizer_type is None or optimizer_type == \"\": optimizer_type = \"AdamW\"`"),
+            "output_name": (.string("last"), "train_util: default_if_none(args.output_name, DEFAULT_LAST_OUTPUT_NAME = \"last\")"),
+            "output_dir": (.string("."), "kohya has no usable default (os.path.join(None, ...) fails); lora-dist writes to the current directory"),
+        ]
+        let defaults = TrainingConfig()
+        var checked = 0
+        for arg in try Self.kohyaArgs().arguments {
+            guard let handling = TrainingConfig.kohyaKeys[arg.name] else { continue }
+            switch handling {
+            case .field, .dataset: break
+            default: continue
+            }
+            guard let ours = defaults.kohyaValue(of: arg.name) else { XCTFail("no value for \(arg.name)"); continue }
+            checked += 1
+            if let (value, why) = effective[arg.name] {
+                XCTAssertEqual(ours, value, "\(arg.name): \(why)")
+                continue
+            }
+            switch (arg.default, ours) {
+            case (.null, .null): break
+            case (.bool(let k), .bool(let o)): XCTAssertEqual(k, o, arg.name)
+            case (.number(let k), .int(let o)): XCTAssertEqual(k, Double(o), arg.name)
+            case (.number(let k), .float(let o)): XCTAssertEqual(k, o, arg.name)
+            case (.string(let k), .string(let o)): XCTAssertEqual(k, o, arg.name)
+            default: XCTFail("\(arg.name): kohya's default \(arg.default) (\(arg.defined_in)), ours \(ours)")
+            }
+        }
+        XCTAssertGreaterThan(checked, 90)
+    }
+
+    // MARK: configs/
+
+    func testDemoTOMLMatchesFileAndParses() throws {
+        let file = try String(contentsOf: Self.configs.appendingPathComponent("demo.toml"), encoding: .utf8)
+        XCTAssertEqual(file, TrainingConfig.demoTOML, "configs/demo.toml and DemoConfig.swift's copy differ")
+        let demo = TrainingConfig.demo
+        XCTAssertEqual(demo.pretrainedModelNameOrPath, "builtin:tiny")
+        XCTAssertEqual(demo.trainDataDir, "builtin:shapes")
+        XCTAssertEqual(demo.seed, 42)
+        XCTAssertEqual(demo.outputDir, "output/demo")
+        XCTAssertEqual(demo.optimizerType, "AdamW")
+        XCTAssertNotNil(demo.saveEveryNSteps)
+        XCTAssertEqual(demo.notes, [])
+        let net = try demo.networkOptions
+        XCTAssertEqual(net, NetworkOptions(linearDim: 8, linearAlpha: 8, trainUNet: true, trainTextEncoder: false))
+    }
+
+    /// The demo's dataset settings bucket the built-in shapes (drawn small here) without error.
+    func testDemoDatasetBucketsBuiltinShapes() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lora-dist-demo-shapes-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try SyntheticShapes.write(to: dir, count: 5, scale: 0.25)
+        let cfg = try TrainingConfig.demo.datasetConfig(builtinFolder: dir)
+        XCTAssertEqual(cfg.subsets.count, 1)
+        XCTAssertEqual(cfg.subsets[0].resolution, [128, 128])
+        XCTAssertEqual(cfg.subsets[0].captionExtension, ".txt")
+        let report = try DatasetReport.make(cfg)
+        XCTAssertEqual(report.entries.count, 5)
+        XCTAssertEqual(report.missingCaptions, 0)
+        XCTAssertEqual(report.batchSize, TrainingConfig.demo.trainBatchSize)
+        for e in report.entries {
+            XCTAssertEqual(e.placement.bucket.width % 32, 0)
+            XCTAssertEqual(e.placement.bucket.height % 32, 0)
+        }
+    }
+
+    func testIllustriousSeedConfig() throws {
+        let c = try TrainingConfig.load(toml: Self.configs.appendingPathComponent("illustrious-character.toml"))
+        XCTAssertEqual(c.pretrainedModelNameOrPath, "models/Illustrious-XL-v0.1.safetensors")
+        XCTAssertEqual(c.networkDim, 64)
+        XCTAssertEqual(c.networkAlpha, 32)
+        XCTAssertEqual(c.minSNRGamma, 1.5)
+        XCTAssertEqual(c.lrScheduler, "cosine_with_restarts")
+        XCTAssertEqual(c.optimizerType, "AdamW8bit")
+        XCTAssertEqual(c.trainDataDir, "dataset/img")
+        XCTAssertEqual(c.datasetArguments.resolution, [1024, 1024])
+        XCTAssertTrue(c.datasetArguments.enableBucket)
+        XCTAssertEqual(c.datasetArguments.minBucketReso, 256)
+        XCTAssertEqual(c.datasetArguments.maxBucketReso, 2048)
+        XCTAssertEqual(c.datasetArguments.captionExtension, ".txt")
+        XCTAssertTrue(c.cacheLatents)
+        XCTAssertTrue(c.gradientCheckpointing)
+        XCTAssertEqual(c.saveEveryNEpochs, 1)
+        XCTAssertEqual(c.outputName, "illustrious-character")
+        // xformers and mixed_precision bf16 are accepted with a note each.
+        XCTAssertTrue(c.notes.contains { $0.hasPrefix("xformers:") }, "\(c.notes)")
+        XCTAssertTrue(c.notes.contains { $0.hasPrefix("mixed_precision bf16") }, "\(c.notes)")
+        XCTAssertEqual(c.notes.count, 2, "\(c.notes)")
+    }
+
+    func testWAISeedConfig() throws {
+        let c = try TrainingConfig.load(toml: Self.configs.appendingPathComponent("wai-character.toml"))
+        let net = try c.networkOptions
+        XCTAssertEqual(net.linearDim, 16)
+        XCTAssertEqual(net.convDim, 8)
+        XCTAssertEqual(net.convAlpha, 4)
+        XCTAssertEqual(c.trainBatchSize, 2)
+        XCTAssertEqual(c.gradientAccumulationSteps, 2)
+        XCTAssertEqual(c.maxTrainSteps, 3000)
+        XCTAssertEqual(c.learningRate, 7e-5)
+        XCTAssertEqual(c.saveEveryNSteps, 100)
+        XCTAssertEqual(c.lora.resolutions, [512, 768])
+        XCTAssertEqual(c.lora.keepStepSaves, 30)
+        XCTAssertEqual(c.lora.trigger, "wai_character")
+        XCTAssertEqual(c.trainDataDir, "dataset/character")
+        // The dataset: one flat-folder subset at the largest resolution, bucketed at both.
+        let cfg = try c.datasetConfig(builtinFolder: URL(fileURLWithPath: "/unused"))
+        XCTAssertEqual(cfg.subsets.count, 1)
+        XCTAssertEqual(cfg.subsets[0].resolution, [768, 768])
+        XCTAssertEqual(cfg.subsets[0].batchSize, 2)
+        let buckets = c.bucketConfigs(for: cfg.subsets[0])
+        XCTAssertEqual(buckets.map(\.width), [512, 768])
+        let multi = try c.multiResolutionBucketing(for: cfg.subsets[0])
+        let placements = multi.choose(width: 1000, height: 1500)
+        XCTAssertEqual(placements.count, 2)
+        XCTAssertNotNil(placements[0]); XCTAssertNotNil(placements[1])
+    }
+
+    // MARK: Sectioned and flat
+
+    /// The seed's kohya file, sectioned as kohya_ss writes it, and the same keys flat: one config.
+    func testSectionedAndFlatAreTheSame() throws {
+        let sectioned = try TrainingConfig.load(toml: Self.configs.appendingPathComponent("illustrious-character.toml"))
+        let text = try String(contentsOf: Self.configs.appendingPathComponent("illustrious-character.toml"), encoding: .utf8)
+        let flatText = text.split(separator: "\n", omittingEmptySubsequences: false)
+            .filter { !$0.hasPrefix("[") }.joined(separator: "\n")
+        let flat = try parse(flatText, base: Self.configs)
+        XCTAssertEqual(flat.fingerprint, sectioned.fingerprint)
+        XCTAssertEqual(flat.outputDir, sectioned.outputDir)
+        XCTAssertEqual(flat.saveEveryNEpochs, sectioned.saveEveryNEpochs)
+        XCTAssertEqual(flat.notes, sectioned.notes)
+        // Any section name is flattened (kohya's read_config_from_file does not look at names).
+        let odd = try parse("[whatever]\n" + minimal + "[more]\nlearning_rate = 3e-4\n")
+        XCTAssertEqual(odd.learningRate, 3e-4)
+    }
+
+    func testKeySetTwiceIsAnError() {
+        let m = message { try self.parse("[a]\nlearning_rate = 1e-4\n[b]\nlearning_rate = 2e-4\n" + self.minimal) }
+        XCTAssertTrue(m.contains("`learning_rate`") && m.contains("set twice"), m)
+    }
+
+    // MARK: Errors
+
+    func testUnknownKeySuggestsTheClosest() {
+        var m = message { try self.parse(self.minimal + "learning_rte = 1e-4\n") }
+        XCTAssertTrue(m.contains("test.toml") && m.contains("`learning_rte`") && m.contains("did you mean `learning_rate`?"), m)
+        m = message { try self.parse(self.minimal + "[lora_dist]\nwire_fromat = \"bf16\"\n") }
+        XCTAssertTrue(m.contains("did you mean `wire_format`?"), m)
+        m = message { try self.parse(self.minimal + "keep_step_save = 3\n") }
+        XCTAssertTrue(m.contains("did you mean `keep_step_saves` (in the [lora_dist] section)?"), m)
+        m = message { try self.parse(self.minimal + "wire_format = \"bf16\"\n") }
+        XCTAssertTrue(m.contains("move it into the [lora_dist] section"), m)
+        m = message { try self.parse(self.minimal + "[lora_dist]\nlearning_rate = 1e-4\n") }
+        XCTAssertTrue(m.contains("move it out of [lora_dist]"), m)
+        m = message { try self.parse(self.minimal + "zzzz_qqqq_xxxx = 1\n") }
+        XCTAssertTrue(m.contains("unknown key") && !m.contains("did you mean"), m)
+    }
+
+    func testUnsupportedKohyaKeyIsNamed() {
+        let m = message { try self.parse(self.minimal + "sample_prompts = \"prompts.txt\"\n") }
+        XCTAssertTrue(m.contains("`sample_prompts` is a kohya option lora-dist does not implement"), m)
+        XCTAssertTrue(m.contains("\"prompts.txt\"") && m.contains("remove it"), m)
+        for (k, v) in [("v2", "true"), ("color_aug", "true"), ("lr_scheduler_type", "\"x.Y\""), ("huggingface_repo_id", "\"a/b\"")] {
+            let m = message { try self.parse(self.minimal + "\(k) = \(v)\n") }
+            XCTAssertTrue(m.contains("does not implement"), m)
+        }
+        // Values kohya has but lora-dist does not implement.
+        for (k, v) in [("optimizer_type", "\"DAdaptAdam\""), ("lr_scheduler", "\"adafactor\""), ("save_model_as", "\"ckpt\""),
+                       ("log_with", "\"wandb\""), ("network_module", "\"lycoris.kohya\"")] {
+            let m = message { try self.parse(self.minimal + "\(k) = \(v)\n") }
+            XCTAssertTrue(m.contains("`\(k)`"), m)
+        }
+    }
+
+    func testRuntimeKeysAreAcceptedWithNotes() throws {
+        let c = try parse(minimal + "xformers = true\nmax_data_loader_n_workers = 4\npersistent_data_loader_workers = true\nlowram = true\n")
+        XCTAssertEqual(c.notes.count, 4)
+        XCTAssertTrue(c.notes.allSatisfy { n in ["xformers", "max_data_loader_n_workers", "persistent_data_loader_workers", "lowram"].contains { n.hasPrefix($0 + ":") } }, "\(c.notes)")
+    }
+
+    func testTypeErrorsNameKeyValueAndType() {
+        var m = message { try self.parse(self.minimal + "max_train_steps = \"100\"\n") }
+        XCTAssertTrue(m.contains("`max_train_steps`") && m.contains("\"100\"") && m.contains("a string") && m.contains("an integer"), m)
+        m = message { try self.parse(self.minimal + "max_train_steps = 100.5\n") }
+        XCTAssertTrue(m.contains("a float") && m.contains("an integer"), m)
+        m = message { try self.parse(self.minimal + "learning_rate = \"1e-4\"\n") }
+        XCTAssertTrue(m.contains("`learning_rate`") && m.contains("a number"), m)
+        m = message { try self.parse(self.minimal + "network_args = \"conv_dim=8\"\n") }
+        XCTAssertTrue(m.contains("`network_args`") && m.contains("an array of strings"), m)
+        m = message { try self.parse(self.minimal + "gradient_checkpointing = 1\n") }
+        XCTAssertTrue(m.contains("true or false"), m)
+        m = message { try self.parse(self.minimal + "[lora_dist]\nthreads_per_rank = \"4\"\n") }
+        XCTAssertTrue(m.contains("`lora_dist.threads_per_rank`") && m.contains("an integer"), m)
+        m = message { try self.parse(self.minimal + "[lora_dist]\nwire_format = \"fp16\"\n") }
+        XCTAssertTrue(m.contains("\"fp16\"") && m.contains("\"bf16\""), m)
+        m = message { try self.parse("pretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"i\"\nresolution = \"big\"\n") }
+        XCTAssertTrue(m.contains("`resolution`") && m.contains("\"W,H\""), m)
+    }
+
+    func testKohyaValueShapes() throws {
+        // An integer where kohya declares float is a number in Python: accepted.
+        XCTAssertEqual(try parse(minimal + "learning_rate = 1\n").learningRate, 1)
+        // lr_warmup_steps: steps as an integer, a ratio as a float.
+        XCTAssertEqual(try parse(minimal + "lr_warmup_steps = 50\n").lrWarmupSteps, 50)
+        XCTAssertEqual(try parse(minimal + "lr_warmup_steps = 0.1\n").lrWarmupSteps, 0.1)
+        XCTAssertTrue(message { try self.parse(self.minimal + "lr_warmup_steps = 1.5\n") }.contains("ratio"))
+        // resolution: "W,H", "N", N or [W, H].
+        XCTAssertEqual(try parse("pretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"i\"\nresolution = \"768,1024\"\n").datasetArguments.resolution, [768, 1024])
+        XCTAssertEqual(try parse("pretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"i\"\nresolution = [640, 512]\n").datasetArguments.resolution, [640, 512])
+        // text_encoder_lr: a number or kohya's per-encoder list of equal values.
+        XCTAssertEqual(try parse(minimal + "text_encoder_lr = [5e-5, 5e-5]\n").textEncoderLR, 5e-5)
+        XCTAssertTrue(message { try self.parse(self.minimal + "text_encoder_lr = [5e-5, 1e-5]\n") }.contains("`text_encoder_lr`"))
+        // kohya's legacy optimizer switch.
+        XCTAssertEqual(try parse(minimal + "use_8bit_adam = true\n").optimizerType, "AdamW8bit")
+        XCTAssertEqual(try parse(minimal + "optimizer_type = \"adamw8bit\"\n").optimizerType, "AdamW8bit")
+        // kohya's old misspelling.
+        XCTAssertEqual(try parse(minimal + "caption_extention = \".txt\"\n").datasetArguments.captionExtension, ".txt")
+    }
+
+    func testMissingModelOrDataset() {
+        XCTAssertTrue(message { try self.parse("train_data_dir = \"i\"\n") }.contains("`pretrained_model_name_or_path`"))
+        XCTAssertTrue(message { try self.parse("pretrained_model_name_or_path = \"m\"\n") }.contains("dataset_config"))
+        XCTAssertTrue(message { try self.parse("pretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"i\"\n").datasetConfig(builtinFolder: URL(fileURLWithPath: "/x")) }
+            .contains("`resolution`"))
+    }
+
+    // MARK: Network args
+
+    func testNetworkArgs() throws {
+        var c = try parse(minimal + "network_dim = 32\nnetwork_alpha = 16\nnetwork_args = [\"conv_dim=4\", \"rank_dropout=0.1\", \"module_dropout=0.05\"]\nnetwork_dropout = 0.2\n")
+        XCTAssertEqual(try c.networkOptions, NetworkOptions(linearDim: 32, linearAlpha: 16, convDim: 4, convAlpha: 1.0,
+                                                             dropout: 0.2, rankDropout: 0.1, moduleDropout: 0.05,
+                                                             trainUNet: true, trainTextEncoder: true))
+        c.networkArgs = ["conv_dimm=4"]
+        let m1 = message { try c.networkOptions }
+        XCTAssertTrue(m1.contains("conv_dimm") && m1.contains("did you mean conv_dim?"), m1)
+        c.networkArgs = ["block_dims=2,4,8"]
+        XCTAssertTrue(message { try c.networkOptions }.contains("does not implement"))
+        c.networkArgs = ["conv_dim"]
+        XCTAssertTrue(message { try c.networkOptions }.contains("key=value"))
+        XCTAssertTrue(message { try self.parse(self.minimal + "network_args = [\"algo=lokr\"]\n") }.contains("algo"))
+    }
+
+    // MARK: dataset_config
+
+    /// A dataset TOML named relative to the training TOML's folder, with kohya's argparse level filling what it
+    /// leaves unset (BlueprintGenerator: subset < dataset < [general] < training arguments).
+    func testDatasetConfigRelativePathAndCascade() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lora-dist-cfg-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("sub"), withIntermediateDirectories: true)
+        try """
+            [general]
+            shuffle_caption = true
+
+            [[datasets]]
+            batch_size = 4
+              [[datasets.subsets]]
+              image_dir = "a"
+              caption_extension = ".caption"
+
+            [[datasets]]
+              [[datasets.subsets]]
+              image_dir = "b"
+              num_repeats = 3
+            """.write(to: dir.appendingPathComponent("sub/data.toml"), atomically: true, encoding: .utf8)
+        try """
+            [model_arguments]
+            pretrained_model_name_or_path = "m.safetensors"
+            [dataset_arguments]
+            dataset_config = "sub/data.toml"
+            resolution = 640
+            caption_extension = ".txt"
+            shuffle_caption = false
+            [training_arguments]
+            train_batch_size = 2
+            dataset_repeats = 5
+            """.write(to: dir.appendingPathComponent("train.toml"), atomically: true, encoding: .utf8)
+        let c = try TrainingConfig.load(toml: dir.appendingPathComponent("train.toml"))
+        XCTAssertEqual(c.datasetConfigPath, dir.appendingPathComponent("sub/data.toml").standardizedFileURL.path)
+        let d = try c.datasetConfig(builtinFolder: dir)
+        XCTAssertEqual(d.datasets.count, 2)
+        let a = d.datasets[0][0], b = d.datasets[1][0]
+        XCTAssertEqual(a.batchSize, 4)            // the dataset's own
+        XCTAssertEqual(b.batchSize, 2)            // train_batch_size
+        XCTAssertEqual(a.resolution, [640, 640])  // from the training TOML for both
+        XCTAssertEqual(b.resolution, [640, 640])
+        XCTAssertEqual(a.captionExtension, ".caption")  // the subset's own
+        XCTAssertEqual(b.captionExtension, ".txt")
+        XCTAssertTrue(a.shuffleCaption)           // [general] wins over the argparse level
+        XCTAssertTrue(b.shuffleCaption)
+        XCTAssertEqual(a.numRepeats, 5)           // dataset_repeats
+        XCTAssertEqual(b.numRepeats, 3)
+        XCTAssertEqual(c.dataset.datasets.count, 2, "load resolves a dataset TOML that exists")
+        // A dataset_config that does not exist: parsing works, resolving the dataset says which file is missing.
+        let missing = try parse(minimal + "dataset_config = \"nope.toml\"\n", base: dir)
+        let m = message { try missing.datasetConfig(builtinFolder: dir) }
+        XCTAssertTrue(m.contains("nope.toml") && m.contains("no such file"), m)
+    }
+
+    func testTrainDataDirKohyaFolders() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lora-dist-img-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        for sub in ["img/10_character_name", "img/2_style", "reg/1_person"] {
+            try FileManager.default.createDirectory(at: dir.appendingPathComponent(sub), withIntermediateDirectories: true)
+        }
+        let c = try parse("""
+            pretrained_model_name_or_path = "m"
+            train_data_dir = "\(dir.path)/img"
+            reg_data_dir = "\(dir.path)/reg"
+            resolution = "1024,1024"
+            enable_bucket = true
+            max_bucket_reso = 2048
+            dataset_repeats = 7
+            prior_loss_weight = 0.5
+            """)
+        let subsets = try c.datasetConfig(builtinFolder: dir).subsets
+        XCTAssertEqual(subsets.map(\.numRepeats), [10, 2, 1])   // the folder's prefix wins (subset level)
+        XCTAssertEqual(subsets.map(\.classTokens), ["character_name", "style", "person"])
+        XCTAssertEqual(subsets.map(\.isReg), [false, false, true])
+        XCTAssertTrue(subsets.allSatisfy { $0.enableBucket && $0.maxBucketReso == 2048 && $0.priorLossWeight == 0.5 })
+        // Bucket settings that cannot work fail when the dataset is resolved, naming the key.
+        let m = message { try self.parse(self.minimal + "enable_bucket = true\nmin_bucket_reso = 768\n").datasetConfig(builtinFolder: dir) }
+        XCTAssertTrue(m.contains("`resolution`") && m.contains("min_bucket_reso 768"), m)
+    }
+
+    // MARK: Fingerprint
+
+    func testFingerprint() throws {
+        let base = try parse(minimal + "learning_rate = 1e-4\noutput_dir = \"out\"\n")
+        XCTAssertEqual(base.fingerprint, try parse(minimal + "learning_rate = 1e-4\noutput_dir = \"out\"\n").fingerprint)
+        XCTAssertEqual(base.fingerprint.count, 64)
+        XCTAssertNotEqual(base.fingerprint, try parse(minimal + "learning_rate = 2e-4\noutput_dir = \"out\"\n").fingerprint)
+        XCTAssertNotEqual(base.fingerprint, try parse(minimal + "learning_rate = 1e-4\noutput_dir = \"out\"\nseed = 1\n").fingerprint)
+        XCTAssertNotEqual(base.fingerprint, try parse(minimal + "learning_rate = 1e-4\noutput_dir = \"out\"\nnetwork_dim = 8\n").fingerprint)
+        for same in ["output_dir = \"elsewhere\"", "output_dir = \"out\"\nsave_every_n_steps = 10",
+                     "output_dir = \"out\"\nmax_train_steps = 99", "output_dir = \"out\"\n[lora_dist]\nlog_every = 3"] {
+            XCTAssertEqual(base.fingerprint, try parse(minimal + "learning_rate = 1e-4\n" + same + "\n").fingerprint, same)
+        }
+    }
+}
