@@ -26,7 +26,7 @@ enum ValueKind: Sendable {
     case resolution
     /// kohya `--text_encoder_lr` (nargs="*"): a number or a list of numbers.
     case floatOrFloats
-    /// kohya `--face_crop_aug_range` and friends: anything; only the unsupported keys use it.
+    /// Checked by the key's own code (`[lora_dist] resolutions`).
     case any
 
     var expected: String {
@@ -123,19 +123,19 @@ extension TrainingConfig {
     /// Keys accepted with a one-line note: each only tunes kohya's PyTorch runtime, and lora-dist's own behaviour
     /// (fp32 compute on its own engine, MPI data parallelism, a self-validating latent cache) covers it.
     static let acceptedWithNote: [String: String] = [
-        "xformers": "xformers: lora-dist's attention is its own fused CPU kernel (no xformers needed)",
-        "sdpa": "sdpa: lora-dist's attention is its own fused CPU kernel (PyTorch SDPA not used)",
-        "mem_eff_attn": "mem_eff_attn: lora-dist's attention kernel already works in tiles without the full score matrix per head at once",
+        "xformers": "xformers: lora-dist's attention is its own tiled (FlashAttention-2 style) kernel, memory O(N) not O(N²)",
+        "sdpa": "sdpa: lora-dist's attention is its own tiled (FlashAttention-2 style) kernel, memory O(N) not O(N²)",
+        "mem_eff_attn": "mem_eff_attn: lora-dist's attention is always tiled with an online softmax (no full score matrix)",
         "torch_compile": "torch_compile: lora-dist does not use PyTorch; its kernels are compiled ahead of time",
         "dynamo_backend": "dynamo_backend: lora-dist does not use PyTorch/TorchDynamo",
         "max_data_loader_n_workers": "max_data_loader_n_workers: lora-dist decodes images once into its latent cache; no loader workers",
         "persistent_data_loader_workers": "persistent_data_loader_workers: lora-dist has no data-loader worker processes",
-        "lowram": "lowram: lora-dist memory-maps the checkpoint and loads weights on demand",
+        "lowram": "lowram: lora-dist memory-maps the checkpoint file instead of reading it into memory",
         "highvram": "highvram: lora-dist runs on the CPU; there is no VRAM to keep latents in",
         "full_fp16": "full_fp16: lora-dist keeps LoRA weights, gradients and optimizer state in fp32",
         "full_bf16": "full_bf16: lora-dist keeps LoRA weights, gradients and optimizer state in fp32",
-        "fp8_base": "fp8_base: lora-dist keeps the base model in its checkpoint dtype and computes in fp32 (no fp8 rounding)",
-        "fp8_base_unet": "fp8_base_unet: lora-dist keeps the base UNet in its checkpoint dtype and computes in fp32 (no fp8 rounding)",
+        "fp8_base": "fp8_base: lora-dist keeps the base model in 16-bit or wider and computes in fp32 (no fp8 rounding)",
+        "fp8_base_unet": "fp8_base_unet: lora-dist keeps the base UNet in 16-bit or wider and computes in fp32 (no fp8 rounding)",
         "no_half_vae": "no_half_vae: lora-dist's VAE always encodes in fp32",
         "vae_batch_size": "vae_batch_size: lora-dist encodes latents once per image into its cache (`lora-dist cache` spreads them over ranks)",
         "skip_cache_check": "skip_cache_check: lora-dist's cache entries validate themselves cheaply on read",

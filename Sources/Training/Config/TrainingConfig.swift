@@ -15,7 +15,9 @@ public struct TrainingConfig: Sendable {
 
     // MARK: [dataset_arguments]
     /// The dataset, resolved: from `dataset_config` (kohya dataset TOML, relative to the training TOML's folder),
-    /// from `train_data_dir` + the flat dataset arguments, or `builtin:shapes`.
+    /// from `train_data_dir` + the flat dataset arguments, or `builtin:shapes`. The loader fills it except for
+    /// `builtin:shapes` (and a dataset TOML that does not exist yet); the trainer sets it from
+    /// `datasetConfig(builtinFolder:)` once the built-in images are written.
     public var dataset = DatasetConfig(datasets: [], source: "")
     /// Where the dataset came from, for messages and `ss_datasets`.
     public var datasetSource = ""
@@ -44,6 +46,8 @@ public struct TrainingConfig: Sendable {
     public var saveStateOnTrainEnd = false
     /// A state folder/file to resume from (kohya --resume). The CLI's `--resume` sets it too.
     public var resume: String? = nil
+    /// kohya --train_batch_size: per-rank batch. It is also every dataset's `batch_size` unless a dataset TOML
+    /// sets its own (kohya's cascade), so read the subsets' `batchSize` for bucketing.
     public var trainBatchSize = 1
     public var maxTrainSteps = 1600
     public var maxTrainEpochs: Int? = nil

@@ -355,7 +355,7 @@ extension TrainingConfig {
         case "mixed_precision":
             mixedPrecision = try oneOf(["no", "fp16", "bf16"])
             if mixedPrecision != "no" {
-                notes.append("mixed_precision \(mixedPrecision): lora-dist computes in fp32 (base weights stay in their checkpoint dtype); save_precision sets the file's dtype")
+                notes.append("mixed_precision \(mixedPrecision): lora-dist computes in fp32 (base weights are stored 16-bit or wider); save_precision sets the file's dtype")
             }
         case "seed": seed = int()
         case "learning_rate": learningRate = try nonNegative(dbl())
