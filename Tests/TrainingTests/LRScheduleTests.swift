@@ -22,6 +22,21 @@ final class LRScheduleTests: XCTestCase {
         }
     }
 
+    /// kohya under accelerate on N processes (make_optim.py "kohya_schedules": LambdaLR stepped N times per
+    /// optimizer step, num_training_steps = max_train_steps · N).
+    func testKohyaMultiProcessScheduleMatchesAccelerate() throws {
+        for c in OptimFixture.json["kohya_schedules"] as! [[String: Any]] {
+            let name = c["name"] as! String, processes = c["processes"] as! Int
+            let baseLR = c["base_lr"] as! Double
+            let schedule = try LRSchedule.kohya(name: name, lrWarmupSteps: c["lr_warmup_steps"] as! Double,
+                                                maxTrainSteps: c["max_train_steps"] as! Int, processes: processes)
+            for (step, expected) in (c["lrs"] as! [Double]).enumerated() {
+                XCTAssertEqual(baseLR * schedule.factor(optimizerStep: step), expected, accuracy: 1e-12 * baseLR,
+                               "\(name) on \(processes) processes, optimizer step \(step)")
+            }
+        }
+    }
+
     func testAdafactorProxyIsConstant() throws {
         let s = try LRSchedule(name: "adafactor:0.001", warmupSteps: 0, totalSteps: 10)
         XCTAssertEqual((0..<12).map { s.factor(step: $0) }, [Double](repeating: 1, count: 12))

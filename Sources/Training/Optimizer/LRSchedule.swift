@@ -85,6 +85,28 @@ public struct LRSchedule: Sendable {
         }
     }
 
+    /// Scheduler steps per optimizer step: kohya under accelerate on N processes steps the LambdaLR N times
+    /// per optimizer step (AcceleratedScheduler with split_batches=False); 1 otherwise.
+    public private(set) var stepsPerOptimizerStep: Int = 1
+
+    /// The schedule exactly as kohya builds it when training on `processes` ranks: get_scheduler_fix uses
+    /// num_training_steps = max_train_steps · processes (a ratio --lr_warmup_steps is taken of that, a count is
+    /// used as is) and accelerate steps the scheduler `processes` times per optimizer step, so optimizer step s
+    /// uses factor(step: s · processes) — read it with `factor(optimizerStep:)`.
+    public static func kohya(name: String, lrWarmupSteps: Double, maxTrainSteps: Int, processes: Int,
+                             numCycles: Int = 1, power: Double = 1, baseLearningRate: Double? = nil) throws -> LRSchedule {
+        guard processes >= 1 else { throw OptimizerError("LRSchedule.kohya: processes=\(processes) must be >= 1") }
+        let total = maxTrainSteps * processes
+        var schedule = try LRSchedule(name: name, warmupSteps: warmupSteps(lrWarmupSteps, totalSteps: total),
+                                      totalSteps: total, numCycles: numCycles, power: power,
+                                      baseLearningRate: baseLearningRate)
+        schedule.stepsPerOptimizerStep = processes
+        return schedule
+    }
+
+    /// Multiplier for the update at 0-based optimizer step `optimizerStep` (= factor(step:) on one process).
+    public func factor(optimizerStep: Int) -> Double { factor(step: optimizerStep * stepsPerOptimizerStep) }
+
     /// kohya's --lr_warmup_steps: an integer count, or a float < 1 read as a ratio of total steps
     /// (`int(ratio * total)`).
     public static func warmupSteps(_ value: Double, totalSteps: Int) -> Int {

@@ -271,6 +271,32 @@ def main():
                             "power": power, "base_lr": base_lr, "lrs": lrs})
     out["schedules"] = sched_cases
 
+    # kohya under accelerate on N processes: get_scheduler_fix uses num_training_steps = max_train_steps * N
+    # (a float --lr_warmup_steps is a ratio of that; an int is used as is), and accelerate's
+    # AcceleratedScheduler steps the LambdaLR N times per optimizer step (split_batches=False).
+    kohya_cases = []
+    for name, warmup_arg, max_steps, processes in [("cosine", 10, 40, 2), ("linear", 0.25, 30, 3),
+                                                   ("constant_with_warmup", 6, 20, 2)]:
+        total = max_steps * processes
+        warmup = int(warmup_arg * total) if isinstance(warmup_arg, float) else warmup_arg
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=base_lr)
+        st = SchedulerType(name)
+        fn = TYPE_TO_SCHEDULER_FUNCTION[st]
+        if st == SchedulerType.CONSTANT_WITH_WARMUP:
+            sch = fn(opt, num_warmup_steps=warmup)
+        else:
+            sch = fn(opt, num_warmup_steps=warmup, num_training_steps=total)
+        lrs = []
+        for _ in range(max_steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            for _ in range(processes):
+                sch.step()
+        kohya_cases.append({"name": name, "lr_warmup_steps": warmup_arg, "max_train_steps": max_steps,
+                            "processes": processes, "base_lr": base_lr, "lrs": lrs})
+    out["kohya_schedules"] = kohya_cases
+
     # --- gradient clipping over the small layout's tensors
     clip_cases = []
     for max_norm, scale in [(1.0, 1.0), (0.05, 1.0), (100.0, 1.0), (1.0, 2.0 ** -20)]:
