@@ -246,21 +246,12 @@ public final class Trainer {
         let context = stackBatch(contexts), pooledBatch = stackBatch(pooled)
         let y = Conditioning.y(Tape(recording: false), pooled: Var(pooledBatch), originalSize: original, cropTopLeft: crops,
                                targetSize: targets, embedDim: checkpoint.sizeEmbedDim ?? 256).value
-        let target = config.vParameterization ? noiseSchedule.velocity(x0, noise: eps, timesteps: timesteps) : eps
-
         network.training = true
         network.dropoutSeed = RunRandom.mix([seed, RunRandom.Stream.dropout.rawValue, UInt64(plan.epoch), UInt64(stepIndex), UInt64(rank)])
-        network.bind(trainable: true)
-        let tape = Tape(adapters: network)
-        let prediction = unet(tape, x: Var(xt), timesteps: Var(Tensor(shape: [b], timesteps.map(Float.init))),
-                              context: Var(context), y: Var(y), checkpointing: config.gradientCheckpointing)
-        let loss = DiffusionLoss.evaluate(prediction: prediction.value, target: target, timesteps: timesteps, sampleWeights: weights,
-                                          schedule: noiseSchedule, options: lossOptions)
+        let loss = TrainingStep.run(unet: unet, network: network, latents: x0, noise: eps, noisyLatents: xt, timesteps: timesteps,
+                                    context: context, y: y, sampleWeights: weights, schedule: noiseSchedule, loss: lossOptions,
+                                    checkpointing: config.gradientCheckpointing, gradients: &gradients)
         guard loss.loss.isFinite else { return (Double.nan, b) }
-        // d(Σ per-sample losses)/d(prediction) = B · d(batch mean)/d(prediction).
-        let seedGradient = Elementwise.scale(loss.gradient, Float(b))
-        let grads = tape.backward(from: prediction, seed: seedGradient)
-        network.accumulateGradients(grads, into: &gradients)
         return (Double(loss.loss) * Double(b), b)
     }
 }
@@ -273,5 +264,30 @@ extension CaptionOptions {
                   enableWildcard: s.enableWildcard, captionDropoutRate: s.captionDropoutRate,
                   tagDropoutRate: s.captionTagDropoutRate, dropoutEveryNEpochs: s.captionDropoutEveryNEpochs,
                   prefix: s.captionPrefix, suffix: s.captionSuffix, trigger: trigger)
+    }
+}
+
+/// The UNet + LoRA step on one batch: forward, kohya's loss, backward.
+public enum TrainingStep {
+    /// latents x0, noise ε, noisy latents x_t [B, 4, h, w]; timesteps B; context [B, T, 2048]; y [B, adm]. The target is
+    /// ε, or v = √ᾱ·ε − √(1−ᾱ)·x0 with `loss.vPrediction`. Adds Σ over samples of each sample's loss gradient (B × the
+    /// gradient of the batch-mean loss) to `gradients` (the network's flat layout) unless the loss is not finite.
+    public static func run(unet: UNet, network: LoRANetwork, latents x0: Tensor, noise: Tensor, noisyLatents: Tensor,
+                           timesteps: [Int], context: Tensor, y: Tensor, sampleWeights: [Float], schedule: NoiseSchedule,
+                           loss options: LossOptions, checkpointing: Bool, gradients: inout [Float])
+        -> (loss: Float, perSample: [Float]) {
+        let b = timesteps.count
+        let target = options.vPrediction ? schedule.velocity(x0, noise: noise, timesteps: timesteps) : noise
+        network.bind(trainable: true)
+        let tape = Tape(adapters: network)
+        let prediction = unet(tape, x: Var(noisyLatents), timesteps: Var(Tensor(shape: [b], timesteps.map(Float.init))),
+                              context: Var(context), y: Var(y), checkpointing: checkpointing)
+        let loss = DiffusionLoss.evaluate(prediction: prediction.value, target: target, timesteps: timesteps,
+                                          sampleWeights: sampleWeights, schedule: schedule, options: options)
+        guard loss.loss.isFinite else { return (loss.loss, loss.perSample) }
+        // d(Σ per-sample losses)/d(prediction) = B · d(batch mean)/d(prediction).
+        let grads = tape.backward(from: prediction, seed: Elementwise.scale(loss.gradient, Float(b)))
+        network.accumulateGradients(grads, into: &gradients)
+        return (loss.loss, loss.perSample)
     }
 }

@@ -124,6 +124,11 @@ extension Trainer {
                     try removeOldStepFiles(current: position.optimizerSteps)
                     if config.saveState { try saveState(position) }
                 }
+                if let killAt = Trainer.testKillAtStep, killAt == position.optimizerSteps, rank == 0 {
+                    // Test hook (LORA_DIST_TEST_KILL_AT_STEP): die here as a SIGKILLed job would, mid-run, after this
+                    // step's files are written — the kill-and-resume tests need the kill at a known step.
+                    kill(getpid(), SIGKILL)
+                }
                 if try StopSignal.shouldStop(communicator) {
                     try saveState(position)
                     outcome = .stopped(signal: StopSignal.pendingSignal)
@@ -161,6 +166,8 @@ extension Trainer {
         }
         return outcome
     }
+
+    static let testKillAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_KILL_AT_STEP"].flatMap { Int($0) }
 
     var metricsURL: URL {
         config.lora.metricsFile.map { URL(fileURLWithPath: $0) }

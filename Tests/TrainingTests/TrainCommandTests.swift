@@ -1,0 +1,212 @@
+import Dataset
+import Distributed
+import Foundation
+import SafeTensors
+import Tensor
+@testable import Training
+import XCTest
+
+/// `lora-dist train` end to end, as processes (MPI_Init inside the test process would break later mpirun children):
+/// the tiny built-in model on a few drawn images. Equivalence of np 2 × batch 1 and np 1 × batch 2, kill -9 and
+/// resume ending bit-identical to an uninterrupted run, keep-last rules on disk, and the demo config under mpirun.
+final class TrainCommandTests: XCTestCase {
+    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
+
+    var work: URL!
+
+    override func setUpWithError() throws {
+        work = FileManager.default.temporaryDirectory.appendingPathComponent("train-cmd-\(getpid())-\(name.hashValue)")
+        try? FileManager.default.removeItem(at: work)
+        try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: work) }
+
+    func binary() throws -> String {
+        var candidates = Bundle.allBundles.map { $0.bundleURL.deletingLastPathComponent().appendingPathComponent("lora-dist").path }
+        candidates.append(Self.packageRoot.appendingPathComponent(".build/debug/lora-dist").path)
+        guard let p = candidates.first(where: FileManager.default.isExecutableFile) else {
+            throw XCTSkip("lora-dist not built: run `swift build --build-tests` first")
+        }
+        return p
+    }
+
+    func mpirun() throws -> String {
+        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") {
+            let p = "\(dir)/mpirun"
+            if FileManager.default.isExecutableFile(atPath: p) { return p }
+        }
+        throw XCTSkip("mpirun not on PATH: install openmpi-bin")
+    }
+
+    /// Runs `lora-dist ARGS` alone (ranks nil) or under `mpirun -np ranks`; MPI variables of this process are stripped.
+    func run(_ args: [String], ranks: Int? = nil, env extra: [String: String] = [:]) throws -> (status: Int32, output: String) {
+        let process = Process()
+        if let ranks {
+            process.executableURL = URL(fileURLWithPath: try mpirun())
+            process.arguments = ["-np", String(ranks), "--oversubscribe", try binary()] + args
+        } else {
+            process.executableURL = URL(fileURLWithPath: try binary())
+            process.arguments = args
+        }
+        var env = ProcessInfo.processInfo.environment.filter { !["OMPI_", "PMIX_", "ORTE_", "OPAL_"].contains(where: $0.key.hasPrefix) }
+        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+        env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+        for (k, v) in extra { env[k] = v }
+        process.environment = env
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        let watchdog = DispatchWorkItem { if process.isRunning { process.terminate() } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 300, execute: watchdog)
+        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        watchdog.cancel()
+        return (process.terminationStatus, output)
+    }
+
+    /// `count` drawn 128×128 images (the square shapes of builtin:shapes at 1/8 scale) with captions.
+    func squareImages(_ count: Int) throws -> URL {
+        let dir = work.appendingPathComponent("img")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        for k in 0..<count {
+            let d = SyntheticShapes.render(index: 5 * k, scale: 0.125)
+            let name = String(format: "sq_%02d", k)
+            try ImageIO.writePNG(d.image.rgb, width: d.image.width, height: d.image.height, to: dir.appendingPathComponent(name + ".png").path)
+            try Data(d.caption.utf8).write(to: dir.appendingPathComponent(name + ".txt"))
+        }
+        return dir
+    }
+
+    /// A flat kohya training TOML over `images`.
+    func config(_ name: String, images: URL, batch: Int, steps: Int, extra: String = "", lora: String = "") throws -> String {
+        let text = """
+            pretrained_model_name_or_path = "builtin:tiny"
+            train_data_dir = "\(images.path)"
+            caption_extension = ".txt"
+            resolution = 128
+            network_module = "networks.lora"
+            network_dim = 4
+            network_alpha = 2
+            network_train_unet_only = true
+            optimizer_type = "AdamW"
+            learning_rate = 1e-3
+            lr_scheduler = "constant"
+            train_batch_size = \(batch)
+            max_train_steps = \(steps)
+            seed = 7
+            min_snr_gamma = 5.0
+            output_dir = "\(work.appendingPathComponent(name).path)"
+            output_name = "t"
+            \(extra)
+            [lora_dist]
+            cache_dir = "\(work.appendingPathComponent("cache").path)"
+            parameter_check_every = 1
+            \(lora)
+            """
+        let url = work.appendingPathComponent("\(name).toml")
+        try text.write(to: url, atomically: true, encoding: .utf8)
+        return url.path
+    }
+
+    func loraTensors(_ path: String) throws -> [String: [Float]] {
+        let file = try SafeTensorsFile(path: path)
+        var out: [String: [Float]] = [:]
+        for n in file.names { out[n] = try file.tensor(n).fp32().scalars }
+        return out
+    }
+
+    // mpirun -np 2 with batch 1 trains on the same samples per step as one rank with batch 2 (a one-bucket, two-image
+    // dataset: every step holds both images), with the same per-sample noise: the LoRAs agree to float tolerance
+    // (lossless fp32 wire; only summation order differs). parameter_check_every = 1 makes every step check that both
+    // ranks hold identical weights (the run fails otherwise).
+    func testTwoRanksBatchOneEqualsOneRankBatchTwo() throws {
+        let images = try squareImages(2)
+        let one = try run(["train", try config("np1", images: images, batch: 2, steps: 4)])
+        XCTAssertEqual(one.status, 0, one.output)
+        let two = try run(["train", try config("np2", images: images, batch: 1, steps: 4)], ranks: 2)
+        XCTAssertEqual(two.status, 0, two.output)
+        let a = try loraTensors(work.appendingPathComponent("np1/t.safetensors").path)
+        let b = try loraTensors(work.appendingPathComponent("np2/t.safetensors").path)
+        XCTAssertEqual(Set(a.keys), Set(b.keys))
+        var maxDiff: Float = 0, maxUp: Float = 0
+        for (k, va) in a {
+            maxDiff = max(maxDiff, zip(va, b[k]!).map { abs($0 - $1) }.max() ?? 0)
+            if k.hasSuffix("lora_up.weight") { maxUp = max(maxUp, va.map(abs).max() ?? 0) }
+        }
+        XCTAssertGreaterThan(maxUp, 1e-4, "4 AdamW steps at lr 1e-3 must move lora_up away from zero")
+        XCTAssertLessThan(maxDiff, 1e-5, "np2×b1 vs np1×b2")
+    }
+
+    // A run killed with SIGKILL after the state of step 2 is written, then resumed, ends with the same LoRA bits as an
+    // uninterrupted run (same world size). Under mpirun -np 2 with the bf16 wire format, whose error-feedback residual
+    // per rank is part of the state.
+    func testKillAndResumeIsBitIdentical() throws {
+        let images = try squareImages(3)
+        let extra = "save_every_n_steps = 2\nsave_state = true\n"
+        let lora = "wire_format = \"bf16\""
+        let straight = try run(["train", try config("straight", images: images, batch: 1, steps: 5, extra: extra, lora: lora)], ranks: 2)
+        XCTAssertEqual(straight.status, 0, straight.output)
+        let cfg = try config("killed", images: images, batch: 1, steps: 5, extra: extra, lora: lora)
+        let killed = try run(["train", cfg], ranks: 2, env: ["LORA_DIST_TEST_KILL_AT_STEP": "3"])
+        XCTAssertNotEqual(killed.status, 0, "the run must have died")
+        let killedDir = work.appendingPathComponent("killed")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: killedDir.appendingPathComponent("t.safetensors").path))
+        let states = try CheckpointWriter.completeStates(in: killedDir.appendingPathComponent("t-state")).map(\.step)
+        XCTAssertEqual(states, [2], "the step-2 state is the newest complete one")
+        let resumed = try run(["train", cfg, "--resume", killedDir.appendingPathComponent("t-state").path], ranks: 2)
+        XCTAssertEqual(resumed.status, 0, resumed.output)
+        XCTAssertTrue(resumed.output.contains("resumed from"), resumed.output)
+        let a = try loraTensors(work.appendingPathComponent("straight/t.safetensors").path)
+        let b = try loraTensors(killedDir.appendingPathComponent("t.safetensors").path)
+        XCTAssertEqual(a, b, "resumed LoRA differs from the uninterrupted run")
+        // Resuming with another world size is refused, naming both.
+        let wrong = try run(["train", cfg, "--resume", killedDir.appendingPathComponent("t-state").path])
+        XCTAssertNotEqual(wrong.status, 0)
+        XCTAssertTrue(wrong.output.contains("2 ranks") && wrong.output.contains("has 1"), wrong.output)
+    }
+
+    // save_every_n_steps with kohya's save_last_n_steps and AI Toolkit's keep count, on disk.
+    func testKeepLastRulesOnDisk() throws {
+        let images = try squareImages(1)
+        let out = try run(["train", try config("keep", images: images, batch: 1, steps: 7,
+                                               extra: "save_every_n_steps = 1\nsave_last_n_steps = 4\n", lora: "keep_step_saves = 2")])
+        XCTAssertEqual(out.status, 0, out.output)
+        let dir = work.appendingPathComponent("keep")
+        XCTAssertEqual(SaveNames.existingSteps(in: dir, outputName: "t"), [5, 6])
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir.appendingPathComponent("t.safetensors").path))
+        let file = try SafeTensorsFile(path: dir.appendingPathComponent("t-step00000006.safetensors").path)
+        XCTAssertEqual(file.metadata["ss_steps"], "6")
+        XCTAssertEqual(file.metadata["ss_base_model_version"], "sdxl_base_v1-0")
+        XCTAssertEqual(file.metadata["ss_network_module"], "networks.lora")
+        XCTAssertEqual(file.metadata["ss_network_dim"], "4")
+        for key in ["ss_network_alpha", "ss_network_args", "ss_output_name", "ss_epoch", "ss_learning_rate", "ss_unet_lr",
+                    "ss_text_encoder_lr", "ss_num_train_images", "ss_datasets", "ss_tag_frequency", "ss_seed", "ss_min_snr_gamma",
+                    "ss_noise_offset", "ss_training_started_at", "sshs_model_hash", "sshs_legacy_hash", "modelspec.architecture"] {
+            XCTAssertNotNil(file.metadata[key], key)
+        }
+        let final = try SafeTensorsFile(path: dir.appendingPathComponent("t.safetensors").path)
+        XCTAssertNotNil(final.metadata["ss_training_finished_at"])
+        let freq = try JSONSerialization.jsonObject(with: Data(final.metadata["ss_tag_frequency"]!.utf8)) as? [String: [String: Int]]
+        XCTAssertEqual(freq?["img"]?["demo_trigger"], 1)
+        // The metrics file has one line per optimizer step.
+        let metrics = try StepMetrics.readJSONL(dir.appendingPathComponent("t-metrics.jsonl"))
+        XCTAssertEqual(metrics.map(\.step), Array(1...7))
+    }
+
+    // The README's first command: the embedded demo under mpirun -np 2 (here shortened to 30 steps): loss falls.
+    func testDemoTrainsUnderMPIAndLossFalls() throws {
+        let out = work.appendingPathComponent("demo")
+        let r = try run(["train", "--output-dir", out.path, "--max-train-steps", "30"], ranks: 2)
+        XCTAssertEqual(r.status, 0, r.output)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: out.appendingPathComponent("demo.safetensors").path), r.output)
+        let metrics = try StepMetrics.readJSONL(out.appendingPathComponent("demo-metrics.jsonl"))
+        XCTAssertEqual(metrics.count, 30)
+        let first = metrics.prefix(5).map(\.loss).reduce(0, +) / 5, last = metrics.suffix(5).map(\.loss).reduce(0, +) / 5
+        XCTAssertLessThan(last, first * 0.9, "loss must fall: first five \(first), last five \(last)")
+        XCTAssertTrue(r.output.contains("global batch 4 = 2 per rank × 1 accumulation × 2 ranks"), r.output)
+    }
+}
