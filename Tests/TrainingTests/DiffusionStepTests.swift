@@ -124,7 +124,9 @@ final class DiffusionStepTests: XCTestCase {
             // terms: the floor makes that an absolute 5e-7.
             assertClose(batch.noise.scalars, try file.tensor("noise.\(name).noise").scalars, rel: 1e-5, floor: 0.05, "\(name) noise")
             assertClose(batch.noisyLatents.scalars, try file.tensor("noise.\(name).noisy").scalars, rel: 1e-5, floor: 0.05, "\(name) noisy latents")
-            let velocity = schedule.velocity(latents, noise: batch.noise, timesteps: batch.timesteps)
+            let velocity = schedule.target(latents: latents, noise: batch.noise, timesteps: batch.timesteps, vPrediction: true)
+            XCTAssertEqual(schedule.target(latents: latents, noise: batch.noise, timesteps: batch.timesteps, vPrediction: false).scalars,
+                           batch.noise.scalars, "\(name): the ε target is the noise")
             assertClose(velocity.scalars, try file.tensor("noise.\(name).velocity").scalars, rel: 1e-5, floor: 0.05, "\(name) velocity")
         }
     }

@@ -75,7 +75,7 @@ public struct NoiseOptions: Sendable, Equatable {
 
 /// One step's noise: the clean noise that is the ε target (v targets are built from it), the UNet input, and the
 /// timesteps.
-public struct NoisedBatch {
+public struct NoisedBatch: Sendable {
     /// [B, C, H, W]: ε after offset / pyramid noise, without the ip perturbation (kohya returns it as the target).
     public let noise: Tensor
     /// [B, C, H, W]: add_noise(latents, noise (+ ip perturbation), timesteps), the UNet input.

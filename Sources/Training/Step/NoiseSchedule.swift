@@ -75,6 +75,12 @@ public struct NoiseSchedule: Sendable {
         }
     }
 
+    /// What the UNet is trained to predict (kohya NetworkTrainer.get_noise_pred_and_target): the velocity for
+    /// v-prediction models, the noise itself for ε-prediction. [B, C, H, W].
+    public func target(latents: Tensor, noise: Tensor, timesteps: [Int], vPrediction: Bool) -> Tensor {
+        vPrediction ? velocity(latents, noise: noise, timesteps: timesteps) : noise
+    }
+
     private func mix(_ latents: Tensor, _ noise: Tensor, timesteps: [Int], what: String,
                      _ f: (Float, Float, Float, Float) -> Float) -> Tensor {
         precondition(latents.shape == noise.shape, "\(what): latents \(latents.shape) and noise \(noise.shape) differ in shape")
