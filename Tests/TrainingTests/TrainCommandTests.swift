@@ -209,4 +209,39 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertLessThan(last, first * 0.9, "loss must fall: first five \(first), last five \(last)")
         XCTAssertTrue(r.output.contains("global batch 4 = 2 per rank × 1 accumulation × 2 ranks"), r.output)
     }
+
+    // A loss that turns non-finite (an absurd learning rate blows the weights up after step 1): each such step is
+    // skipped and reported; three in a row stop the run with an error, and the files of the last good step are intact.
+    func testRepeatedNonFiniteStepsStopWithLastGoodStateIntact() throws {
+        let images = try squareImages(1)
+        let cfg = try config("nan", images: images, batch: 1, steps: 10,
+                             extra: "save_every_n_steps = 1\nsave_state = true\nmax_grad_norm = 0.0\n",
+                             lora: "max_nonfinite_steps = 3")
+        var text = try String(contentsOfFile: cfg, encoding: .utf8)
+        text = text.replacingOccurrences(of: "learning_rate = 1e-3", with: "learning_rate = 1e30")
+        try text.write(toFile: cfg, atomically: true, encoding: .utf8)
+        let r = try run(["train", cfg])
+        XCTAssertNotEqual(r.status, 0, r.output)
+        XCTAssertTrue(r.output.contains("step skipped"), r.output)
+        XCTAssertTrue(r.output.contains("3 steps in a row had a non-finite loss or gradient"), r.output)
+        let dir = work.appendingPathComponent("nan")
+        let steps = SaveNames.existingSteps(in: dir, outputName: "t")
+        XCTAssertFalse(steps.isEmpty, "the good step's LoRA must be there")
+        let states = try CheckpointWriter.completeStates(in: dir.appendingPathComponent("t-state")).map(\.step)
+        XCTAssertEqual(states.last, steps.last)
+        for (_, values) in try loraTensors(dir.appendingPathComponent(SaveNames.step("t", steps.last!)).path) {
+            XCTAssertTrue(values.allSatisfy(\.isFinite))
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("t.safetensors").path))
+    }
+
+    // [lora_dist] resolutions = [64, 128]: every image trains at both (AI Toolkit's multi-resolution), two latents each.
+    func testSeveralResolutions() throws {
+        let images = try squareImages(2)
+        let r = try run(["train", try config("multi", images: images, batch: 1, steps: 4, lora: "resolutions = [64, 128]")])
+        XCTAssertEqual(r.status, 0, r.output)
+        XCTAssertTrue(r.output.contains("64x64") && r.output.contains("128x128"), r.output)
+        let latents = try FileManager.default.contentsOfDirectory(atPath: work.appendingPathComponent("cache/latents").path)
+        XCTAssertEqual(latents.filter { $0.hasSuffix(".safetensors") }.count, 4)
+    }
 }

@@ -78,8 +78,9 @@ public enum Activation {
     static func exp(_ x: Float) -> Float {
         var x = x < -87 ? -87 : x
         x = x > 88 ? 88 : x
-        // n = round(x / ln 2) by the 1.5·2²³ trick (|x / ln 2| < 2²²).
-        let n = (x * 1.44269504088896341 + 12582912) - 12582912
+        // n = round(x / ln 2) by the 1.5·2²³ trick (|x / ln 2| < 2²²): t's low mantissa bits hold n.
+        let t = x * 1.44269504088896341 + 12582912
+        let n = t - 12582912
         let r = (x - n * 0.693359375) + n * 2.12194440e-4
         let z = r * r
         var p: Float = 1.9875691500e-4
@@ -89,7 +90,8 @@ public enum Activation {
         p = p * r + 1.6666665459e-1
         p = p * r + 5.0000001201e-1
         p = p * z + r + 1
-        let scale = Float(bitPattern: UInt32(bitPattern: Int32(n) &+ 127) << 23)
+        // 2ⁿ from t's bits (no Float → Int conversion, which would trap on a NaN input; NaN propagates through p).
+        let scale = Float(bitPattern: (t.bitPattern &- (0x4B40_0000 - 127)) << 23)
         return p * scale
     }
 

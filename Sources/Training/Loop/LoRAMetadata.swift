@@ -56,7 +56,7 @@ extension Trainer {
         m["ss_huber_c"] = String(c.huberC)
         m["ss_optimizer"] = optimizerDescription
         m["ss_max_grad_norm"] = String(c.maxGradNorm)
-        m["ss_training_comment"] = "trained with lora-dist on \(worldSize) rank\(worldSize == 1 ? "" : "s")"
+        m["ss_training_comment"] = c.trainingComment ?? "trained with lora-dist on \(worldSize) rank\(worldSize == 1 ? "" : "s")"
         m["ss_sd_model_name"] = URL(fileURLWithPath: c.pretrainedModelNameOrPath).lastPathComponent
         m["ss_steps"] = String(position.optimizerSteps)
         m["ss_epoch"] = String(final ? totalEpochs : max(position.epoch, 1))
@@ -109,6 +109,14 @@ extension Trainer {
         let iso = ISO8601DateFormatter()
         iso.formatOptions = [.withInternetDateTime]
         m["modelspec.date"] = iso.string(from: Date())
+        for (k, v) in c.modelSpecMetadata { m[k] = v }   // kohya --metadata_title/author/… override the defaults
+        if c.noMetadata {
+            // kohya --no_metadata: only the minimal keys that loaders need (train_network.py keeps ss_base_model_version
+            // and the network module/dim/alpha in minimum_metadata).
+            let keep: Set<String> = ["ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                                     "ss_network_args", "ss_v2"]
+            m = m.filter { keep.contains($0.key) || $0.key.hasPrefix("modelspec.") }
+        }
         return m
     }
 

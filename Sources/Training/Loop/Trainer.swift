@@ -42,7 +42,11 @@ public final class Trainer {
     var coordinator: Coordinator!
     var report: DatasetReport!
     var latentCache: LatentCache!
-    var latentKeys: [String: [Bool: LatentKey]] = [:]   // image path → flip → key
+    /// The dataset at each training resolution (nil: the dataset's own).
+    var reports: [(resolution: Int?, report: DatasetReport)] = []
+    /// Sample id (the image path, or `path@resolution` with several resolutions) → its dataset entry.
+    var samples: [String: DatasetReport.Entry] = [:]
+    var latentKeys: [String: [Bool: LatentKey]] = [:]   // sample id → flip → key
     var text: TextConditioner!
     var reducer: GradientAllReduce!
     var seed: UInt64 = 0
@@ -102,13 +106,29 @@ public final class Trainer {
         checkpoint = try SDXLCheckpoint(path: modelPath)
 
         let datasetConfig = try config.datasetConfig(builtinFolder: builtinFolder)
-        report = try DatasetReport.make(datasetConfig)
-        for issue in report.issues { say("skipped \(issue)") }
-        let manifest = report.entries.map {
-            ManifestEntry(id: $0.image.path, width: $0.placement.bucket.width, height: $0.placement.bucket.height,
-                          repeats: $0.image.repeats)
+        // One report per training resolution (AI Toolkit's `resolution: [512, 768]`: every image at each). With one
+        // resolution a sample's id is its path; with several, `path@resolution`.
+        let resolutions: [Int?] = (config.lora.resolutions ?? []).count > 1 ? config.lora.resolutions!.sorted() : [nil]
+        var issues = Set<String>()
+        samples = [:]
+        reports = []
+        for r in resolutions {
+            var cfg = datasetConfig
+            if let r {
+                cfg.general.resolution = [r, r]
+                cfg.datasets = cfg.datasets.map { $0.map { var s = $0; s.resolution = [r, r]; return s } }
+            }
+            let rep = try DatasetReport.make(cfg)
+            if report == nil { report = rep }
+            for issue in rep.issues where issues.insert(issue.description).inserted { say("skipped \(issue)") }
+            for e in rep.entries { samples[Self.sampleID(e.image.path, resolution: r)] = e }
+            reports.append((r, rep))
         }
-        coordinator = try Coordinator(manifest: manifest, seed: seed, worldSize: worldSize, batchSize: config.trainBatchSize,
+        let manifest = samples.map { id, e in
+            ManifestEntry(id: id, width: e.placement.bucket.width, height: e.placement.bucket.height, repeats: e.image.repeats)
+        }
+        // The batch size is the dataset's (kohya: a dataset TOML's batch_size, else train_batch_size).
+        coordinator = try Coordinator(manifest: manifest, seed: seed, worldSize: worldSize, batchSize: report.batchSize,
                                       gradientAccumulation: config.gradientAccumulationSteps, cacheMode: config.lora.cacheMode)
 
         // Length: max_train_epochs wins over max_train_steps, as kohya.
@@ -144,8 +164,13 @@ public final class Trainer {
         optimizer = try Optimizers.make(type: config.optimizerType, args: config.optimizerArgs, layout: layout,
                                         baseLearningRate: config.learningRate)
         let warmup = LRSchedule.warmupSteps(config.lrWarmupSteps, totalSteps: totalSteps)
+        // One rank's schedule over max_train_steps, as a single-GPU kohya run has it (kohya on N processes steps its
+        // scheduler N times per optimizer step, which shortens an integer warmup N-fold; lora-dist's ranks stand in
+        // for one device, so the schedule a user wrote is the one applied).
         schedule = try LRSchedule(name: config.lrScheduler, warmupSteps: warmup, totalSteps: totalSteps,
-                                  numCycles: config.lrSchedulerNumCycles, power: config.lrSchedulerPower)
+                                  numCycles: config.lrSchedulerNumCycles, power: config.lrSchedulerPower,
+                                  baseLearningRate: baseLearningRates[0])
+        try optimizer.validate(learningRates: baseLearningRates)
 
         noiseSchedule = NoiseSchedule(zeroTerminalSNR: config.zeroTerminalSNR)
         noiseOptions = NoiseOptions(noiseOffset: config.noiseOffset, noiseOffsetRandomStrength: config.noiseOffsetRandomStrength,
@@ -165,6 +190,8 @@ public final class Trainer {
         reducer = try GradientAllReduce(communicator: communicator, count: network.parameterCount, format: config.lora.wireFormat)
     }
 
+    static func sampleID(_ path: String, resolution: Int?) -> String { resolution.map { "\(path)@\($0)" } ?? path }
+
     func captionOptions(for subset: SubsetConfig) -> CaptionOptions {
         CaptionOptions(subset: subset, trigger: config.lora.trigger)
     }
@@ -172,11 +199,18 @@ public final class Trainer {
     /// Every (image, bucket, flip) latent, each encoded by its coordinator owner into the shared cache folder.
     func buildLatentCache() throws {
         let vaeIdentity = try LatentCache.vaeIdentity(weightsPath: checkpoint.path)
-        let jobs = try CacheBuilder.jobs(report, vaeIdentity: vaeIdentity)
-        for job in jobs { latentKeys[job.entry.image.path, default: [:]][job.flip] = job.key }
+        var jobs: [CacheJob] = []
+        var jobOwner: [LatentKey: Int] = [:]
+        for (r, rep) in reports {
+            for job in try CacheBuilder.jobs(rep, vaeIdentity: vaeIdentity) {
+                let id = Self.sampleID(job.entry.image.path, resolution: r)
+                latentKeys[id, default: [:]][job.flip] = job.key
+                jobOwner[job.key] = coordinator.owner[id]
+                jobs.append(job)
+            }
+        }
         latentCache = try LatentCache(storage: .disk(cacheDirectory.appendingPathComponent("latents")))
-        let owner = coordinator.owner
-        let mine: (CacheJob) -> Bool = { owner[$0.entry.image.path] == self.rank }
+        let mine: (CacheJob) -> Bool = { jobOwner[$0.key] == self.rank }
         let todo = jobs.filter { mine($0) && self.latentCache.lookup($0.key) == nil }.count
         if todo > 0 { log.info("encoding \(todo) latents (this rank's share)") }
         var vae: VAE? = nil
@@ -207,11 +241,10 @@ public final class Trainer {
         var latents: [Tensor] = [], noise: [Tensor] = [], noisy: [Tensor] = [], timesteps: [Int] = []
         var contexts: [Tensor] = [], pooled: [Tensor] = [], weights: [Float] = []
         var original: [(h: Int, w: Int)] = [], crops: [(top: Int, left: Int)] = [], targets: [(h: Int, w: Int)] = []
-        let entries = Dictionary(report.entries.map { ($0.image.path, $0) }, uniquingKeysWith: { a, _ in a })
         for id in ids {
             let occurrence = seen[id, default: 0]
             seen[id] = occurrence + 1
-            guard let entry = entries[id], let keys = latentKeys[id] else { throw TrainingError("\(id): not in the dataset's latent jobs") }
+            guard let entry = samples[id], let keys = latentKeys[id] else { throw TrainingError("\(id): not in the dataset's latent jobs") }
             let subset = report.subsets[entry.image.subset]
             var flipRNG = RunRandom.sample(seed: seed, .flip, epoch: plan.epoch, step: stepIndex, image: id, occurrence: occurrence)
             let flip = keys[true] != nil && flipRNG.uniform() < 0.5
