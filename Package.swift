@@ -89,6 +89,7 @@ let package = Package(
             swiftSettings: kernelFlags),
 
         .executableTarget(name: "DataBench", dependencies: ["Dataset", "SDXL", "Tensor", "SafeTensors"], path: "bench/DataBench", swiftSettings: kernelFlags),
+        .executableTarget(name: "TrainBench", dependencies: ["Training", "SDXL", "Tensor", "SafeTensors", "Distributed"], path: "bench/TrainBench", swiftSettings: kernelFlags),
         .executableTarget(name: "MPIHarness", dependencies: ["Distributed"], path: "Tests/MPIHarness"),
 
         .testTarget(
