@@ -134,6 +134,7 @@ struct Eval: ParsableCommand {
     @Option(help: "Token length as kohya's max_token_length: 75, 150 or 225 (text).") var maxTokenLength = 75
     @Option(help: "Image size whose size/crop embedding goes into y (text).") var size = 1024
     @Option(help: "Attention head size of the UNet (shapes cannot tell; default: the file's metadata, else 64).") var headDim: Int?
+    @Option(help: "GroupNorm groups of the UNet (shapes cannot tell; default: the file's metadata, else 32).") var normGroups: Int?
     @Option(help: "Output .safetensors file.") var out: String
     @Option(help: "A kohya-format LoRA (.safetensors) applied to the UNet (unet only).") var lora: String?
     @Option(help: "The LoRA's multiplier (strength).") var loraMultiplier: Float = 1
@@ -150,7 +151,7 @@ struct Eval: ParsableCommand {
     func run() throws {
         engine.apply()
         try reporting {
-            let ckpt = try SDXLCheckpoint(path: model, headDim: headDim)
+            let ckpt = try SDXLCheckpoint(path: model, headDim: headDim, normGroups: normGroups)
             let outputs: [String: Tensor]
             switch component {
             case .unet:

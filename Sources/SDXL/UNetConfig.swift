@@ -122,6 +122,14 @@ public struct UNetConfig: Equatable, CustomStringConvertible {
         }
         try closeLevel()
         guard Set(resCounts).count == 1 else { throw UNetConfigError("levels have different ResBlock counts \(resCounts)") }
+        // Head size and norm groups are not in the shapes: a wrong guess must be an error, not a crash in the build.
+        for (level, m) in mult.enumerated() where levelDepths[level] > 0 && (m * modelChannels) % headDim != 0 {
+            throw UNetConfigError("attention width \(m * modelChannels) does not split into heads of \(headDim): the file has no "
+                + "lora_dist head-size metadata; give the head size (--head-dim)")
+        }
+        for m in [1] + mult where (m * modelChannels) % normGroups != 0 {
+            throw UNetConfigError("width \(m * modelChannels) does not split into \(normGroups) norm groups: give the group count")
+        }
 
         return UNetConfig(
             inChannels: convIn[1], outChannels: convOut[0], modelChannels: modelChannels, channelMult: mult,

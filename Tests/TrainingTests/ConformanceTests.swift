@@ -144,4 +144,48 @@ final class ConformanceTests: XCTestCase {
         XCTAssertLessThan(relErr(out, want), 1e-4)
         XCTAssertGreaterThan(relErr(base, want), 1e-2, "the LoRA must change the prediction")
     }
+
+    // A LoRA lora-dist writes (LoRAFile.save, fp16, with our metadata) loads in diffusers with no unused or missing key,
+    // and diffusers' prediction with it equals `lora-dist eval unet --lora` (check_diffusers_lora.py). Runs only where
+    // PyTorch + diffusers + peft are installed (CI without them skips; the committed fixture test above still runs).
+    func testLoRAWeWriteLoadsInDiffusers() throws {
+        let python = "/usr/bin/env"
+        func runProcess(_ exe: String, _ args: [String]) throws -> (Int32, String) {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: exe)
+            p.arguments = args
+            p.environment = ProcessInfo.processInfo.environment.filter { !["OMPI_", "PMIX_", "ORTE_", "OPAL_"].contains(where: $0.key.hasPrefix) }
+            let pipe = Pipe()
+            p.standardOutput = pipe
+            p.standardError = pipe
+            try p.run()
+            let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            return (p.terminationStatus, out)
+        }
+        let probe = try runProcess(python, ["python3", "-c", "import torch, diffusers, peft"])
+        guard probe.0 == 0 else { throw XCTSkip("PyTorch + diffusers + peft not installed: \(probe.1.suffix(200))") }
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let exe = root.appendingPathComponent(".build/debug/lora-dist").path
+        guard FileManager.default.isExecutableFile(atPath: exe) else { throw XCTSkip("lora-dist not built") }
+
+        let unet = try TrainingFixtures.tinyUNet()
+        let net = try network(try fixture(), unet: unet)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lora-diffusers-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let lora = dir.appendingPathComponent("ours.safetensors").path
+        try LoRAFile.save(net, to: lora, dtype: .f16, metadata: ["ss_network_module": "networks.lora", "ss_network_dim": "4",
+                                                                  "ss_base_model_version": "sdxl_base_v1-0"])
+        let out = dir.appendingPathComponent("out.safetensors").path
+        let unetFile = TrainingFixtures.sdxlFolder.appendingPathComponent("unet_tiny.safetensors").path
+        let io = TrainingFixtures.path("lora_eval_io.safetensors")
+        let eval = try runProcess(exe, ["eval", "unet", "--model", unetFile, "--head-dim", "8", "--norm-groups", "4",
+                                        "--inputs", io, "--lora", lora, "--out", out])
+        XCTAssertEqual(eval.0, 0, eval.1)
+        let check = try runProcess(python, ["python3", TrainingFixtures.path("check_diffusers_lora.py"), "--lora", lora,
+                                            "--inputs", io, "--compare", out])
+        XCTAssertEqual(check.0, 0, check.1)
+        XCTAssertTrue(check.1.contains("into exactly those modules"), check.1)
+    }
 }

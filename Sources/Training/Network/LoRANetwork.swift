@@ -181,7 +181,8 @@ public final class LoRANetwork: LayerAdapters {
 
     public func adapt(_ t: Tape, path: String, input x: Var, output: Var) -> Var {
         guard let i = indexByPath[path] else { return output }
-        precondition(!downVars.isEmpty, "LoRANetwork.bind() must run before a forward pass")
+        // Evaluation without an explicit bind(): frozen Vars over the current values.
+        if downVars.isEmpty { bind(trainable: false) }
         let m = modules[i]
         var rng = SeededRandom(seed: dropoutSeed ^ Self.fnv1a(m.name))
         if training, let p = spec.moduleDropout, p > 0, Float(rng.uniform()) < p { return output }
