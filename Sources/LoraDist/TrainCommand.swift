@@ -19,7 +19,7 @@ struct TrainCommand: ParsableCommand {
     @OptionGroup var engine: EngineOptions
     @Argument(help: "A training TOML (kohya's training config, with an optional [lora_dist] section). Default: the demo.")
     var config: String?
-    @Option(help: "Continue from a state file, or from the newest state in a state folder (<output_dir>/<output_name>-state).")
+    @Option(help: "Continue from a state file, or from the newest state in a state folder (<output_dir>/<output_name>-state); 'auto': this run's newest state if there is one, else start fresh (for requeued jobs).")
     var resume: String?
     @Option(help: "Override output_dir.") var outputDir: String?
     @Option(help: "Override max_train_steps.") var maxTrainSteps: Int?

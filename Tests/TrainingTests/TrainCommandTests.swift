@@ -163,6 +163,19 @@ final class TrainCommandTests: XCTestCase {
         let a = try loraTensors(work.appendingPathComponent("straight/t.safetensors").path)
         let b = try loraTensors(killedDir.appendingPathComponent("t.safetensors").path)
         XCTAssertEqual(a, b, "resumed LoRA differs from the uninterrupted run")
+        // SIGUSR1 on rank 1 at step 3: both ranks stop at that step, the state is saved, exit 75 (requeue); the job
+        // script's `--resume auto` then continues from it and ends bit-identical too.
+        let cfg2 = try config("signalled", images: images, batch: 1, steps: 5, extra: extra, lora: lora)
+        let stopped = try run(["train", cfg2, "--resume", "auto", "--requeue-on-stop"], ranks: 2,
+                              env: ["LORA_DIST_TEST_SIGNAL_AT_STEP": "3"])
+        XCTAssertEqual(stopped.status, 75, stopped.output)
+        XCTAssertTrue(stopped.output.contains("stopped by"), stopped.output)
+        let signalledDir = work.appendingPathComponent("signalled")
+        XCTAssertEqual(try CheckpointWriter.completeStates(in: signalledDir.appendingPathComponent("t-state")).map(\.step).last, 3)
+        let requeued = try run(["train", cfg2, "--resume", "auto", "--requeue-on-stop"], ranks: 2)
+        XCTAssertEqual(requeued.status, 0, requeued.output)
+        XCTAssertTrue(requeued.output.contains("resumed from"), requeued.output)
+        XCTAssertEqual(try loraTensors(signalledDir.appendingPathComponent("t.safetensors").path), a)
         // Resuming with another world size is refused, naming both.
         let wrong = try run(["train", cfg, "--resume", killedDir.appendingPathComponent("t-state").path])
         XCTAssertNotEqual(wrong.status, 0)

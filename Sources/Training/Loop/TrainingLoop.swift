@@ -36,7 +36,15 @@ extension Trainer {
         try prepare()
         var position = TrainingPosition()
         startedAt = Date()
-        if let from = resume ?? config.resume {
+        var from = resume ?? config.resume
+        if from == "auto" {
+            // Job scripts pass `--resume auto`: continue from this run's newest state when there is one (a requeued
+            // job), start fresh otherwise. Rank 0 decides, so every rank takes the same branch.
+            var found: [UInt8] = [rank == 0 && ((try? CheckpointWriter.newestState(in: stateDirectory)) ?? nil) != nil ? 1 : 0]
+            try communicator.broadcast(&found, root: 0)
+            from = found[0] == 1 ? stateDirectory.path : nil
+        }
+        if let from {
             position = try restore(from: from)
             say("resumed from \(from) at step \(position.optimizerSteps)/\(totalSteps) (epoch \(position.epoch + 1))")
         } else {
@@ -129,6 +137,11 @@ extension Trainer {
                     // step's files are written — the kill-and-resume tests need the kill at a known step.
                     kill(getpid(), SIGKILL)
                 }
+                if let signalAt = Trainer.testSignalAtStep, signalAt == position.optimizerSteps, rank == worldSize - 1 {
+                    // Test hook (LORA_DIST_TEST_SIGNAL_AT_STEP): a real SIGUSR1 to the last rank only, as a user's
+                    // `kill -USR1 <pid>` or Slurm's warning signal would arrive.
+                    raise(SIGUSR1)
+                }
                 if try StopSignal.shouldStop(communicator) {
                     try saveState(position)
                     outcome = .stopped(signal: StopSignal.pendingSignal)
@@ -168,6 +181,7 @@ extension Trainer {
     }
 
     static let testKillAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_KILL_AT_STEP"].flatMap { Int($0) }
+    static let testSignalAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_SIGNAL_AT_STEP"].flatMap { Int($0) }
 
     var metricsURL: URL {
         config.lora.metricsFile.map { URL(fileURLWithPath: $0) }
