@@ -92,14 +92,16 @@ let package = Package(
         .executableTarget(name: "TrainBench", dependencies: ["Training", "SDXL", "Tensor", "SafeTensors", "Distributed"], path: "bench/TrainBench", swiftSettings: kernelFlags),
         .executableTarget(name: "MPIHarness", dependencies: ["Distributed"], path: "Tests/MPIHarness"),
 
+        // Spawning the package's executables and mpirun from tests (shared by the test targets that need it).
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(
             name: "TensorTests", dependencies: ["Tensor", "SafeTensors"], path: "Tests/TensorTests"),
-        .testTarget(name: "SDXLTests", dependencies: ["SDXL", "Tensor", "SafeTensors"], path: "Tests/SDXLTests"),
+        .testTarget(name: "SDXLTests", dependencies: ["SDXL", "Tensor", "SafeTensors", "TestSupport"], path: "Tests/SDXLTests"),
         .testTarget(name: "DatasetTests", dependencies: ["Dataset", "SafeTensors", "Tensor"], path: "Tests/DatasetTests"),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"], path: "Tests/SafeTensorsTests"),
-        .testTarget(name: "DistributedTests", dependencies: ["Distributed"], path: "Tests/DistributedTests"),
+        .testTarget(name: "DistributedTests", dependencies: ["Distributed", "TestSupport"], path: "Tests/DistributedTests"),
         .testTarget(
-            name: "TrainingTests", dependencies: ["Training", "SDXL", "Dataset", "Distributed", "Tensor", "SafeTensors"],
+            name: "TrainingTests", dependencies: ["Training", "SDXL", "Dataset", "Distributed", "Tensor", "SafeTensors", "TestSupport"],
             path: "Tests/TrainingTests"),
     ],
     swiftLanguageModes: [.v5]

@@ -48,9 +48,11 @@ public struct RandomWeights: WeightSource {
         for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
         let s = h ^ (seed &* 0x9E37_79B9_7F4A_7C15)
         let leaf = key.split(separator: ".").last.map(String.init) ?? key
-        let isNorm = key.contains("norm") || key.contains("ln_") || key.contains("layer_norm")
+        // Every 1-D `weight` in these models is a norm's scale (GroupNorm/LayerNorm), also where the key does not say
+        // "norm" (LDM's ResBlock `in_layers.0`, `out_layers.0` and the UNet's `out.0`): a scale near 0 there would
+        // silence every ResBlock branch and the UNet's output.
         let t: Tensor
-        if (leaf == "weight" || leaf == "scale") && isNorm && shape.count == 1 {
+        if (leaf == "weight" || leaf == "scale") && shape.count == 1 {
             t = Elementwise.add(Tensor(randomNormal: shape, std: 0.05, seed: s), Tensor(shape: [1], [1]))
         } else if leaf == "bias" || shape.count == 1 {
             t = Tensor(randomNormal: shape, std: 0.02, seed: s)

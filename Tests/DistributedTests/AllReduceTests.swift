@@ -1,5 +1,6 @@
 import Distributed
 import Foundation
+import TestSupport
 import XCTest
 
 /// Multi-rank tests of GradientAllReduce: each spawns `mpirun -np N --oversubscribe MPIHarness check`, which
@@ -15,61 +16,10 @@ import XCTest
 ///   within 0.01 of the exact one with feedback and drifts past 0.05 without;
 /// - total samples 0 and ranks disagreeing on the size are refused with a named error.
 final class AllReduceTests: XCTestCase {
-    static var packageRoot: URL {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    }
-
-    /// The harness next to the test bundle (.build/<triple>/debug/), else the package's .build/debug.
-    func harness() throws -> URL {
-        let fm = FileManager.default
-        var candidates: [URL] = []
-        var dir = Bundle.main.bundleURL
-        for _ in 0..<3 { candidates.append(dir.appendingPathComponent("MPIHarness")); dir.deleteLastPathComponent() }
-        for b in Bundle.allBundles { candidates.append(b.bundleURL.deletingLastPathComponent().appendingPathComponent("MPIHarness")) }
-        candidates.append(Self.packageRoot.appendingPathComponent(".build/debug/MPIHarness"))
-        guard let found = candidates.first(where: { fm.isExecutableFile(atPath: $0.path) }) else {
-            throw XCTSkip("MPIHarness not built (looked in \(candidates.map(\.path))): run `swift build --build-tests` first")
-        }
-        return found
-    }
-
-    func mpirun() throws -> String {
-        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") {
-            let p = "\(dir)/mpirun"
-            if FileManager.default.isExecutableFile(atPath: p) { return p }
-        }
-        throw XCTSkip("mpirun not on PATH: install openmpi-bin")
-    }
-
     /// np = nil: the harness alone, with no launcher (an MPI singleton: world of one).
     func runHarness(np: Int?, mode: String = "check") throws {
-        let process = Process()
-        if let np {
-            process.executableURL = URL(fileURLWithPath: try mpirun())
-            process.arguments = ["-np", "\(np)", "--oversubscribe", try harness().path, mode]
-        } else {
-            process.executableURL = try harness()
-            process.arguments = [mode]
-        }
-        // Never inherit a launcher's OMPI_/PMIX_ variables (e.g. when the suite itself runs under mpirun).
-        var env = ProcessInfo.processInfo.environment.filter {
-            !["OMPI_", "PMIX_", "ORTE_", "OPAL_"].contains(where: $0.key.hasPrefix)
-        }
-        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-        env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
-        process.environment = env
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        // A hung rank must fail the test, not the CI job: kill mpirun after 120 s.
-        let watchdog = DispatchWorkItem { if process.isRunning { process.terminate() } }
-        DispatchQueue.global().asyncAfter(deadline: .now() + 120, execute: watchdog)
-        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        watchdog.cancel()
-        XCTAssertEqual(process.terminationStatus, 0, "mpirun -np \(np ?? 1) MPIHarness \(mode) failed:\n\(output)")
+        let (status, output) = try TestProcesses.run(try TestProcesses.executable("MPIHarness"), [mode], ranks: np, timeout: 120)
+        XCTAssertEqual(status, 0, "mpirun -np \(np ?? 1) MPIHarness \(mode) failed:\n\(output)")
         XCTAssertTrue(output.contains("OK np=\(np ?? 1) "), "no OK line from the harness:\n\(output)")
     }
 

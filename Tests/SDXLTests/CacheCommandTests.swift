@@ -2,31 +2,14 @@ import Foundation
 import SafeTensors
 import SDXL
 import Tensor
+import TestSupport
 import XCTest
 
 /// End to end: `mpirun -np 2 lora-dist cache` with a small random checkpoint whose VAE downsamples by 8 (the tiny
 /// preset with four VAE levels), over a few PNGs. Both ranks encode disjoint shares that together cover the
 /// dataset; a second run is all hits.
 final class CacheCommandTests: XCTestCase {
-    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent()
-
-    func binary(_ name: String) throws -> String {
-        var candidates = Bundle.allBundles.map { $0.bundleURL.deletingLastPathComponent().appendingPathComponent(name).path }
-        candidates.append(Self.packageRoot.appendingPathComponent(".build/debug/\(name)").path)
-        guard let p = candidates.first(where: FileManager.default.isExecutableFile) else {
-            throw XCTSkip("\(name) not built: run `swift build --build-tests` first")
-        }
-        return p
-    }
-
-    func mpirun() throws -> String {
-        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") {
-            let p = "\(dir)/mpirun"
-            if FileManager.default.isExecutableFile(atPath: p) { return p }
-        }
-        throw XCTSkip("mpirun not on PATH: install openmpi-bin")
-    }
+    func binary(_ name: String) throws -> String { try TestProcesses.executable(name) }
 
     /// A minimal RGB PNG: zlib "stored" blocks (no compression), so no zlib dependency is needed.
     static func png(width: Int, height: Int, pixel: (Int, Int) -> (UInt8, UInt8, UInt8)) -> Data {
@@ -58,27 +41,9 @@ final class CacheCommandTests: XCTestCase {
         return Data([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a] + chunk("IHDR", ihdr) + chunk("IDAT", z) + chunk("IEND", []))
     }
 
+    /// `mpirun ARGS` (ARGS start with -np).
     func run(_ args: [String]) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try mpirun())
-        process.arguments = args
-        var env = ProcessInfo.processInfo.environment.filter {
-            !["OMPI_", "PMIX_", "ORTE_", "OPAL_"].contains(where: $0.key.hasPrefix)
-        }
-        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-        env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
-        process.environment = env
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let watchdog = DispatchWorkItem { if process.isRunning { process.terminate() } }
-        DispatchQueue.global().asyncAfter(deadline: .now() + 300, execute: watchdog)
-        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        watchdog.cancel()
-        return (process.terminationStatus, output)
+        try TestProcesses.run(try TestProcesses.mpirun(), args)
     }
 
     func testTwoRanksShareTheWorkThenAllHits() throws {

@@ -2,6 +2,7 @@ import Foundation
 import SafeTensors
 import SDXL
 import Tensor
+import TestSupport
 @testable import Training
 import XCTest
 
@@ -151,23 +152,12 @@ final class ConformanceTests: XCTestCase {
     func testLoRAWeWriteLoadsInDiffusers() throws {
         let python = "/usr/bin/env"
         func runProcess(_ exe: String, _ args: [String]) throws -> (Int32, String) {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: exe)
-            p.arguments = args
-            p.environment = ProcessInfo.processInfo.environment.filter { !["OMPI_", "PMIX_", "ORTE_", "OPAL_"].contains(where: $0.key.hasPrefix) }
-            let pipe = Pipe()
-            p.standardOutput = pipe
-            p.standardError = pipe
-            try p.run()
-            let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            p.waitUntilExit()
-            return (p.terminationStatus, out)
+            let r = try TestProcesses.run(exe, args)
+            return (r.status, r.output)
         }
         let probe = try runProcess(python, ["python3", "-c", "import torch, diffusers, peft"])
         guard probe.0 == 0 else { throw XCTSkip("PyTorch + diffusers + peft not installed: \(probe.1.suffix(200))") }
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        let exe = root.appendingPathComponent(".build/debug/lora-dist").path
-        guard FileManager.default.isExecutableFile(atPath: exe) else { throw XCTSkip("lora-dist not built") }
+        let exe = try TestProcesses.executable("lora-dist")
 
         let unet = try TrainingFixtures.tinyUNet()
         let net = try network(try fixture(), unet: unet)

@@ -3,6 +3,7 @@ import Distributed
 import Foundation
 import SafeTensors
 import Tensor
+import TestSupport
 @testable import Training
 import XCTest
 
@@ -10,9 +11,6 @@ import XCTest
 /// the tiny built-in model on a few drawn images. Equivalence of np 2 × batch 1 and np 1 × batch 2, kill -9 and
 /// resume ending bit-identical to an uninterrupted run, keep-last rules on disk, and the demo config under mpirun.
 final class TrainCommandTests: XCTestCase {
-    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent()
-
     var work: URL!
 
     override func setUpWithError() throws {
@@ -23,49 +21,9 @@ final class TrainCommandTests: XCTestCase {
 
     override func tearDownWithError() throws { try? FileManager.default.removeItem(at: work) }
 
-    func binary() throws -> String {
-        var candidates = Bundle.allBundles.map { $0.bundleURL.deletingLastPathComponent().appendingPathComponent("lora-dist").path }
-        candidates.append(Self.packageRoot.appendingPathComponent(".build/debug/lora-dist").path)
-        guard let p = candidates.first(where: FileManager.default.isExecutableFile) else {
-            throw XCTSkip("lora-dist not built: run `swift build --build-tests` first")
-        }
-        return p
-    }
-
-    func mpirun() throws -> String {
-        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") {
-            let p = "\(dir)/mpirun"
-            if FileManager.default.isExecutableFile(atPath: p) { return p }
-        }
-        throw XCTSkip("mpirun not on PATH: install openmpi-bin")
-    }
-
-    /// Runs `lora-dist ARGS` alone (ranks nil) or under `mpirun -np ranks`; MPI variables of this process are stripped.
+    /// `lora-dist ARGS` alone (ranks nil) or under `mpirun -np ranks`.
     func run(_ args: [String], ranks: Int? = nil, env extra: [String: String] = [:]) throws -> (status: Int32, output: String) {
-        let process = Process()
-        if let ranks {
-            process.executableURL = URL(fileURLWithPath: try mpirun())
-            process.arguments = ["-np", String(ranks), "--oversubscribe", try binary()] + args
-        } else {
-            process.executableURL = URL(fileURLWithPath: try binary())
-            process.arguments = args
-        }
-        var env = ProcessInfo.processInfo.environment.filter { !["OMPI_", "PMIX_", "ORTE_", "OPAL_"].contains(where: $0.key.hasPrefix) }
-        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
-        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-        env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
-        for (k, v) in extra { env[k] = v }
-        process.environment = env
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let watchdog = DispatchWorkItem { if process.isRunning { process.terminate() } }
-        DispatchQueue.global().asyncAfter(deadline: .now() + 300, execute: watchdog)
-        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        watchdog.cancel()
-        return (process.terminationStatus, output)
+        try TestProcesses.run(try TestProcesses.executable("lora-dist"), args, ranks: ranks, environment: extra)
     }
 
     /// `count` drawn 128×128 images (the square shapes of builtin:shapes at 1/8 scale) with captions.
@@ -210,16 +168,17 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertEqual(metrics.map(\.step), Array(1...7))
     }
 
-    // The README's first command: the embedded demo under mpirun -np 2 (here shortened to 30 steps): loss falls.
+    // The README's first command: the embedded demo under mpirun -np 2 (here its first 40 of 200 steps): the loss falls
+    // (measured with the demo's settings: 20-step means 0.97, 0.80, 0.67, … 0.41 over the full run).
     func testDemoTrainsUnderMPIAndLossFalls() throws {
         let out = work.appendingPathComponent("demo")
-        let r = try run(["train", "--output-dir", out.path, "--max-train-steps", "30"], ranks: 2)
+        let r = try run(["train", "--output-dir", out.path, "--max-train-steps", "40"], ranks: 2)
         XCTAssertEqual(r.status, 0, r.output)
         XCTAssertTrue(FileManager.default.fileExists(atPath: out.appendingPathComponent("demo.safetensors").path), r.output)
         let metrics = try StepMetrics.readJSONL(out.appendingPathComponent("demo-metrics.jsonl"))
-        XCTAssertEqual(metrics.count, 30)
-        let first = metrics.prefix(5).map(\.loss).reduce(0, +) / 5, last = metrics.suffix(5).map(\.loss).reduce(0, +) / 5
-        XCTAssertLessThan(last, first * 0.9, "loss must fall: first five \(first), last five \(last)")
+        XCTAssertEqual(metrics.count, 40)
+        let first = metrics.prefix(10).map(\.loss).reduce(0, +) / 10, last = metrics.suffix(10).map(\.loss).reduce(0, +) / 10
+        XCTAssertLessThan(last, first * 0.9, "loss must fall: first ten \(first), last ten \(last)")
         XCTAssertTrue(r.output.contains("global batch 4 = 2 per rank × 1 accumulation × 2 ranks"), r.output)
     }
 

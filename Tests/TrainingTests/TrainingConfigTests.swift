@@ -135,7 +135,7 @@ final class TrainingConfigTests: XCTestCase {
         XCTAssertNotNil(demo.saveEveryNSteps)
         XCTAssertEqual(demo.notes, [])
         let net = try demo.networkOptions
-        XCTAssertEqual(net, NetworkOptions(linearDim: 8, linearAlpha: 8, trainUNet: true, trainTextEncoder: false))
+        XCTAssertEqual(net, NetworkOptions(linearDim: 16, linearAlpha: 16, convDim: 8, convAlpha: 8, trainUNet: true, trainTextEncoder: false))
     }
 
     /// The demo's dataset settings bucket the built-in shapes (drawn small here) without error.

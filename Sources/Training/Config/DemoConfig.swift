@@ -28,20 +28,21 @@ cache_latents = true
 
 [network_arguments]
 network_module = "networks.lora"
-network_dim = 8
-network_alpha = 8
+network_dim = 16
+network_alpha = 16
+network_args = ["conv_dim=8", "conv_alpha=8"]        # LoCon: the random base model needs the ResBlock convs to learn visibly
 network_train_unet_only = true
 
 [optimizer_arguments]
 optimizer_type = "AdamW"
-learning_rate = 1e-3
+learning_rate = 3e-3
 lr_scheduler = "constant_with_warmup"
 lr_warmup_steps = 5
 max_grad_norm = 1.0
 
 [training_arguments]
 train_batch_size = 2
-max_train_steps = 80
+max_train_steps = 200
 seed = 42
 min_snr_gamma = 5.0
 
@@ -50,7 +51,7 @@ output_dir = "output/demo"
 output_name = "demo"
 save_model_as = "safetensors"
 save_precision = "fp16"
-save_every_n_steps = 40
+save_every_n_steps = 100
 
 [logging_arguments]
 log_with = "tensorboard"
