@@ -4,7 +4,7 @@
 # runs bench/train/report.py: one LoRA training step, lora-dist against PyTorch (diffusers + peft) fp32 and bf16
 # autocast, on the tiny and the sdxl preset at 512², batch 1; then `lora-dist train` images/s at np = 1 and 2
 # (locally and across cluster/netns/harness.sh at 1 Gbit/s, which needs root). Writes the "LoRA training step"
-# section of bench/RESULTS.md. About 20 minutes on 2 cores (the release build not counted).
+# section of bench/RESULTS.md. About 20–25 minutes on 2 cores (the release build not counted).
 #
 # Usage: bench/train/run.sh [report.py options: --phases step,scale --cases sdxl512 --runs np1t2,np2 …]
 set -euo pipefail
@@ -15,8 +15,9 @@ PY=${PYTHON:-python3}
     echo "needs PyTorch, diffusers and peft: $PY -m pip install 'torch==2.13.0+cpu' diffusers peft" >&2; exit 1; }
 command -v mpirun >/dev/null || { echo "needs mpirun (apt-get install openmpi-bin) for the np = 2 rows" >&2; exit 1; }
 
-echo "== building TrainBench and lora-dist (release)"
+echo "== building TrainBench, lora-dist-unet-bench (the no-LoRA reference row) and lora-dist (release)"
 swift build -c release --product TrainBench
+swift build -c release --product lora-dist-unet-bench
 swift build -c release --product lora-dist
 mkdir -p bench/out
 if [ ! -f bench/out/tiny_f32.safetensors ]; then
