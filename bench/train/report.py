@@ -457,7 +457,8 @@ def write_section(results, infos, meta):
                      f"(~{per_rank:.0f} s), a ~2.6 s all-reduce at 1 Gbit/s is ~{100 * 2.6 / (per_rank + 2.6):.0f} % "
                      "of an np = 2 step.")
         L.append("")
-    L.append("Raw lines: bench/out/train_raw.jsonl (not committed).")
+    L.append("Observations (what the misses come from, build provenance, the bf16-under-load anomaly): "
+             "bench/train/README.md. Raw lines: bench/out/train_raw.jsonl (not committed).")
     L.append(END)
     section = "\n".join(L) + "\n"
     text = open(RESULTS).read() if os.path.exists(RESULTS) else ""
