@@ -23,6 +23,7 @@ public struct LinearLayer {
     }
 
     public func callAsFunction(_ t: Tape, _ x: Var) -> Var {
+        if let fused = t.adapters?.linear(t, path: path, input: x, weight: weight, bias: bias) { return fused }
         let y = t.linear(x, weight, bias)
         return t.adapters.map { $0.adapt(t, path: path, input: x, output: y) } ?? y
     }

@@ -43,6 +43,13 @@ public struct GradStore {
 /// addressed in the checkpoint's key space.
 public protocol LayerAdapters: AnyObject {
     func adapt(_ t: Tape, path: String, input: Var, output: Var) -> Var
+    /// A linear layer's whole computation, when the adapter fuses it with its own (nil: the layer computes its output
+    /// and then calls `adapt`).
+    func linear(_ t: Tape, path: String, input: Var, weight: Var, bias: Var?) -> Var?
+}
+
+extension LayerAdapters {
+    public func linear(_ t: Tape, path: String, input: Var, weight: Var, bias: Var?) -> Var? { nil }
 }
 
 /// Reverse-mode autograd: a list of recorded operations, run backwards once.

@@ -151,6 +151,33 @@ final class LoRANetworkTests: XCTestCase {
         XCTAssertGreaterThan(effect, 100 * diff, "the LoRA must change the output for this test to mean anything")
     }
 
+    // The fused linear LoRA op (Tape.lowRankLinear) equals kohya's composition org(x) + up(down(x))·scale run as separate
+    // ops: output and every LoRA gradient, with and without gradient checkpointing.
+    func testFusedLinearEqualsSeparateOps() throws {
+        let unet = try TrainingFixtures.tinyUNet()
+        let net = try LoRANetwork(unet: unet, spec: LoRASpec(linearRank: 4, linearAlpha: 2, convRank: 2), seed: 5)
+        var rng = SeededRandom(seed: 8)
+        for i in net.parameters.indices { net.parameters[i] = Float(rng.normal()) * 0.1 }
+        let io = try TrainingFixtures.unetIO()
+        func run(fused: Bool, checkpointing: Bool) throws -> ([Float], [Float]) {
+            net.fused = fused
+            net.bind(trainable: true)
+            let t = Tape(adapters: net)
+            let out = unet(t, x: Var(try io.tensor("x")), timesteps: Var(try io.tensor("timesteps")),
+                           context: Var(try io.tensor("context")), y: Var(try io.tensor("y")), checkpointing: checkpointing)
+            var buffer = [Float](repeating: 0, count: net.parameterCount)
+            let g = try io.tensor("g")
+            net.accumulateGradients(t.backward(from: out, seed: g), into: &buffer)
+            return (out.value.scalars, buffer)
+        }
+        let (o1, g1) = try run(fused: false, checkpointing: false)
+        for ckpt in [false, true] {
+            let (o2, g2) = try run(fused: true, checkpointing: ckpt)
+            XCTAssertLessThan(zip(o1, o2).map { abs($0 - $1) }.max()!, 1e-5 * o1.map(abs).max()!)
+            XCTAssertLessThan(zip(g1, g2).map { abs($0 - $1) }.max()!, 1e-5 * g1.map(abs).max()!)
+        }
+    }
+
     // Zero lora_up (kohya's init) leaves the model unchanged; multiplier 0 too.
     func testZeroUpIsIdentity() throws {
         let unet = try TrainingFixtures.tinyUNet()

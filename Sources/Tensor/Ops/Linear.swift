@@ -45,6 +45,60 @@ public enum Linear {
         return (dX, dW, dB)
     }
 
+    /// y = x·Wᵀ + b + scale·(x·downᵀ)·upᵀ: a linear layer with a low-rank (LoRA) update, without materialising the
+    /// update or the scaled branch: the up-projection accumulates into y (sgemm β = 1). x [..., K], W [N, K],
+    /// down [r, K], up [N, r] → (y [..., N], lx = x·downᵀ [M, r], which backward needs).
+    public static func lowRankForward(_ x: Tensor, _ w: Tensor, _ b: Tensor?, down: Tensor, up: Tensor, scale: Float)
+        -> (y: Tensor, lx: Tensor) {
+        let k = x.shape.last!, n = w.shape[0], r = down.shape[0], m = x.count / max(k, 1)
+        precondition(down.rank == 2 && down.shape[1] == k && up.rank == 2 && up.shape == [n, r],
+                     "low-rank linear: down \(down.shape) / up \(up.shape) do not fit weight \(w.shape)")
+        let y = forward(x, w, b)
+        let xf = x.fp32(), df = down.fp32(), uf = up.fp32()
+        let lx = Tensor(uninitialized: [m, r])
+        BLAS.sgemm(transA: false, transB: true, m: m, n: r, k: k, a: xf.pointer, lda: k, b: df.pointer, ldb: k,
+                   beta: 0, c: lx.mutablePointer, ldc: r)
+        BLAS.sgemm(transA: false, transB: true, m: m, n: n, k: r, alpha: scale, a: lx.pointer, lda: r, b: uf.pointer,
+                   ldb: r, beta: 1, c: y.mutablePointer, ldc: n)
+        return (y, lx)
+    }
+
+    /// Gradients of `lowRankForward` (only those asked for). dlx = scale·dY·up; d_up = scale·dYᵀ·lx;
+    /// d_down = dlxᵀ·x; dX = dY·W + dlx·down (the second product accumulates into the first).
+    public static func lowRankBackward(_ dY: Tensor, x: Tensor, w: Tensor, down: Tensor, up: Tensor, lx: Tensor, scale: Float,
+                                       wantX: Bool, wantW: Bool, wantB: Bool, wantDown: Bool, wantUp: Bool)
+        -> (dX: Tensor?, dW: Tensor?, dB: Tensor?, dDown: Tensor?, dUp: Tensor?) {
+        let k = x.shape.last!, n = w.shape[0], r = down.shape[0], m = x.count / max(k, 1)
+        let dY = dY.fp32()
+        let base = backward(dY, x: x, w: w, wantX: wantX, wantW: wantW, wantB: wantB)
+        var dDown: Tensor?, dUp: Tensor?
+        if wantUp {
+            let g = Tensor(uninitialized: [n, r])
+            BLAS.sgemm(transA: true, transB: false, m: n, n: r, k: m, alpha: scale, a: dY.pointer, lda: n, b: lx.pointer,
+                       ldb: r, beta: 0, c: g.mutablePointer, ldc: r)
+            dUp = g
+        }
+        if wantDown || wantX {
+            let uf = up.fp32()
+            let dlx = Tensor(uninitialized: [m, r])
+            BLAS.sgemm(transA: false, transB: false, m: m, n: r, k: n, alpha: scale, a: dY.pointer, lda: n, b: uf.pointer,
+                       ldb: r, beta: 0, c: dlx.mutablePointer, ldc: r)
+            if wantDown {
+                let xf = x.fp32()
+                let g = Tensor(uninitialized: [r, k])
+                BLAS.sgemm(transA: true, transB: false, m: r, n: k, k: m, a: dlx.pointer, lda: r, b: xf.pointer, ldb: k,
+                           beta: 0, c: g.mutablePointer, ldc: k)
+                dDown = g
+            }
+            if wantX, let dX = base.dX {
+                let df = down.fp32()
+                BLAS.sgemm(transA: false, transB: false, m: m, n: k, k: r, a: dlx.pointer, lda: r, b: df.pointer, ldb: k,
+                           beta: 1, c: dX.mutablePointer, ldc: k)
+            }
+        }
+        return (base.dX, base.dW, base.dB, dDown, dUp)
+    }
+
     /// C = op(A) · op(B) for 2-D A and B, with op = transpose where asked.
     public static func matmul(_ a: Tensor, _ b: Tensor, transA: Bool = false, transB: Bool = false) -> Tensor {
         precondition(a.rank == 2 && b.rank == 2, "matmul takes 2-D tensors, got \(a.shape) and \(b.shape)")
@@ -67,6 +121,18 @@ extension Tape {
         return record(Linear.forward(xv, wv, b?.value), inputs: inputs) { g, need in
             let r = Linear.backward(g, x: xv, w: wv, wantX: need[0], wantW: need[1], wantB: need.count > 2 && need[2])
             return [r.dX, r.dW, r.dB]
+        }
+    }
+
+    /// y = x·wᵀ + b + scale·(x·downᵀ)·upᵀ (a LoRA on nn.Linear), fused: saves x, w, down, up and the [M, r] product.
+    public func lowRankLinear(_ x: Var, _ w: Var, _ b: Var?, down: Var, up: Var, scale: Float) -> Var {
+        let xv = x.value, wv = w.value, dv = down.value, uv = up.value
+        let (y, lx) = Linear.lowRankForward(xv, wv, b?.value, down: dv, up: uv, scale: scale)
+        let inputs = [x, w, down, up] + (b.map { [$0] } ?? [])
+        return record(y, inputs: inputs) { g, need in
+            let r = Linear.lowRankBackward(g, x: xv, w: wv, down: dv, up: uv, lx: lx, scale: scale, wantX: need[0],
+                                           wantW: need[1], wantB: need.count > 4 && need[4], wantDown: need[2], wantUp: need[3])
+            return [r.dX, r.dW, r.dDown, r.dUp] + (need.count > 4 ? [r.dB] : [])
         }
     }
 

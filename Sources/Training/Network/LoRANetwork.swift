@@ -84,6 +84,8 @@ public final class LoRANetwork: LayerAdapters {
     /// Seeds this forward pass's dropout masks. Masks are a pure function of (seed, module), so a
     /// checkpointed block recomputed in backward draws the same masks as its first forward.
     public var dropoutSeed: UInt64 = 0
+    /// Linear modules run as one fused op (off: as separate ops, kohya's composition; tests compare the two).
+    public var fused = true
 
     private var downVars: [Var] = []
     private var upVars: [Var] = []
@@ -178,6 +180,15 @@ public final class LoRANetwork: LayerAdapters {
     }
 
     // MARK: forward (kohya LoRAModule.forward)
+
+    /// Linear modules without dropout run fused with their layer (`Tape.lowRankLinear`): the same values as
+    /// `adapt`'s org(x) + up(down(x))·scale, without materialising the branch.
+    public func linear(_ t: Tape, path: String, input x: Var, weight: Var, bias: Var?) -> Var? {
+        guard fused, let i = indexByPath[path], case .linear = modules[i].kind else { return nil }
+        if training && ((spec.dropout ?? 0) > 0 || (spec.rankDropout ?? 0) > 0 || (spec.moduleDropout ?? 0) > 0) { return nil }
+        if downVars.isEmpty { bind(trainable: false) }
+        return t.lowRankLinear(x, weight, bias, down: downVars[i], up: upVars[i], scale: modules[i].scale * multiplier)
+    }
 
     public func adapt(_ t: Tape, path: String, input x: Var, output: Var) -> Var {
         guard let i = indexByPath[path] else { return output }
