@@ -508,7 +508,8 @@ def write_results(runner, path, started, load_before, load_after, wall):
         old = open(path).read()
         for begin, end in [("<!-- unet-bench:begin -->", "<!-- unet-bench:end -->"),
                            ("<!-- allreduce-bench:begin -->", "<!-- allreduce-bench:end -->"),
-                           ("<!-- data-bench:begin -->", "<!-- data-bench:end -->")]:
+                           ("<!-- data-bench:begin -->", "<!-- data-bench:end -->"),
+                           ("<!-- train-bench:begin -->", "<!-- train-bench:end -->")]:
             if begin in old and end in old:
                 kept += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
     with open(path, "w") as f:
