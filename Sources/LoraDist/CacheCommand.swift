@@ -51,13 +51,7 @@ struct CacheCommand: ParsableCommand {
     func run() throws {
         RankLogging.bootstrap()
         let log = Logger(label: "cache")
-        let launch: Launch
-        do { launch = try Launch.start() } catch {
-            log.error("\(error)")
-            throw ExitCode.failure
-        }
-        let comm = launch.communicator
-        RankLogging.bootstrap(rank: comm.rank, size: comm.size)
+        let comm = try startRanks(log)
         engine.apply()
         let progress = RankLogging.progress()
         let cacheURL = URL(fileURLWithPath: cacheDir)

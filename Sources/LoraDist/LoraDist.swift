@@ -1,6 +1,7 @@
 import ArgumentParser
 import Distributed
 import Foundation
+import Logging
 import Tensor
 
 @main
@@ -57,4 +58,16 @@ struct Info: ParsableCommand {
         print("cores:            \(ProcessInfo.processInfo.activeProcessorCount)")
         print("zstd:             \(Zstd.version)")
     }
+}
+
+/// Joins the MPI job (Launch.start: the world-size trap included) and tags this rank's log lines; a launch problem is
+/// one logged line and a failure exit.
+func startRanks(_ log: Logger) throws -> MPICommunicator {
+    let launch: Launch
+    do { launch = try Launch.start() } catch {
+        log.error("\(error)")
+        throw ExitCode.failure
+    }
+    RankLogging.bootstrap(rank: launch.communicator.rank, size: launch.communicator.size)
+    return launch.communicator
 }

@@ -38,13 +38,7 @@ struct TrainCommand: ParsableCommand {
         }
         if let o = outputDir { cfg.outputDir = o }
         if let s = maxTrainSteps { cfg.maxTrainSteps = s; cfg.maxTrainEpochs = nil }
-        let launch: Launch
-        do { launch = try Launch.start() } catch {
-            log.error("\(error)")
-            throw ExitCode.failure
-        }
-        let comm = launch.communicator
-        RankLogging.bootstrap(rank: comm.rank, size: comm.size)
+        let comm = try startRanks(log)
         if engine.threads == nil, let t = cfg.lora.threadsPerRank { Threads.set(t) } else { engine.apply() }
         if comm.rank == 0 {
             print("lora-dist train: \(config ?? "embedded demo (configs/demo.toml)"), \(comm.size) rank\(comm.size == 1 ? "" : "s"), \(Threads.count) threads each, OpenBLAS \(BLAS.coreName)")
