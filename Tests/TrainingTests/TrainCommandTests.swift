@@ -90,13 +90,31 @@ final class TrainCommandTests: XCTestCase {
         let a = try loraTensors(work.appendingPathComponent("np1/t.safetensors").path)
         let b = try loraTensors(work.appendingPathComponent("np2/t.safetensors").path)
         XCTAssertEqual(Set(a.keys), Set(b.keys))
-        var maxDiff: Float = 0, maxUp: Float = 0
+        var maxDiff: Float = 0, maxUp: Float = 0, maxAbs: Float = 0
         for (k, va) in a {
             maxDiff = max(maxDiff, zip(va, b[k]!).map { abs($0 - $1) }.max() ?? 0)
+            maxAbs = max(maxAbs, va.map(abs).max() ?? 0)
             if k.hasSuffix("lora_up.weight") { maxUp = max(maxUp, va.map(abs).max() ?? 0) }
         }
         XCTAssertGreaterThan(maxUp, 1e-4, "4 AdamW steps at lr 1e-3 must move lora_up away from zero")
-        XCTAssertLessThan(maxDiff, 1e-5, "np2×b1 vs np1×b2")
+        // Float tolerance: the two runs sum the same per-sample gradients in another order (rounding ~1e-7), which
+        // Adam's per-element normalisation can magnify where a gradient is near zero (measured up to 1.4e-5 absolute
+        // on weights of magnitude ~0.5).
+        XCTAssertLessThan(maxDiff, 1e-4 * maxAbs, "np2×b1 vs np1×b2")
+    }
+
+    // A seed makes the run deterministic: the demo config in two output folders (its generated model and dataset in each),
+    // one rank on 2 threads, gives bit-identical LoRAs. Sample ids are relative to the dataset folder, so where the
+    // dataset lives does not change the plan or any random draw.
+    func testSameConfigGivesBitIdenticalLoRA() throws {
+        var outputs: [[String: [Float]]] = []
+        for name in ["first", "second"] {
+            let out = work.appendingPathComponent(name)
+            let r = try run(["train", "--output-dir", out.path, "--max-train-steps", "6", "--threads", "2"])
+            XCTAssertEqual(r.status, 0, r.output)
+            outputs.append(try loraTensors(out.appendingPathComponent("demo.safetensors").path))
+        }
+        XCTAssertEqual(outputs[0], outputs[1])
     }
 
     // A run killed with SIGKILL after the state of step 2 is written, then resumed, ends with the same LoRA bits as an

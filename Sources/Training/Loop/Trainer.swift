@@ -121,7 +121,7 @@ public final class Trainer {
             let rep = try DatasetReport.make(cfg)
             if report == nil { report = rep }
             for issue in rep.issues where issues.insert(issue.description).inserted { say("skipped \(issue)") }
-            for e in rep.entries { samples[Self.sampleID(e.image.path, resolution: r)] = e }
+            for e in rep.entries { samples[Self.sampleID(e, subsets: rep.subsets, resolution: r)] = e }
             reports.append((r, rep))
         }
         let manifest = samples.map { id, e in
@@ -190,7 +190,19 @@ public final class Trainer {
         reducer = try GradientAllReduce(communicator: communicator, count: network.parameterCount, format: config.lora.wireFormat)
     }
 
-    static func sampleID(_ path: String, resolution: Int?) -> String { resolution.map { "\(path)@\($0)" } ?? path }
+    /// A sample's id: `<subset>/<path below the subset's folder>` (+ `@<resolution>` with several resolutions). Not the
+    /// absolute path: the plan, the shuffles and every random draw are keyed by ids, so a dataset moved to another
+    /// folder (or the demo's generated one in another output_dir) trains identically.
+    static func sampleID(_ e: DatasetReport.Entry, subsets: [SubsetConfig], resolution: Int?) -> String {
+        let path = URL(fileURLWithPath: e.image.path).standardizedFileURL.path
+        var relative = path
+        if subsets.indices.contains(e.image.subset), let dir = subsets[e.image.subset].imageDir {
+            let root = URL(fileURLWithPath: dir).standardizedFileURL.path
+            if path.hasPrefix(root + "/") { relative = String(path.dropFirst(root.count + 1)) }
+        }
+        let id = "\(e.image.subset)/\(relative)"
+        return resolution.map { "\(id)@\($0)" } ?? id
+    }
 
     func captionOptions(for subset: SubsetConfig) -> CaptionOptions {
         CaptionOptions(subset: subset, trigger: config.lora.trigger)
@@ -203,7 +215,7 @@ public final class Trainer {
         var jobOwner: [LatentKey: Int] = [:]
         for (r, rep) in reports {
             for job in try CacheBuilder.jobs(rep, vaeIdentity: vaeIdentity) {
-                let id = Self.sampleID(job.entry.image.path, resolution: r)
+                let id = Self.sampleID(job.entry, subsets: rep.subsets, resolution: r)
                 latentKeys[id, default: [:]][job.flip] = job.key
                 jobOwner[job.key] = coordinator.owner[id]
                 jobs.append(job)
@@ -250,7 +262,7 @@ public final class Trainer {
             let flip = keys[true] != nil && flipRNG.uniform() < 0.5
             let key = keys[flip]!
             guard let cached = latentCache.lookup(key) else {
-                throw TrainingError("\(id): latent \(key.fileName) is missing from \(cacheDirectory.path)/latents (another rank's cache folder not shared? use cache_mode = \"node_local\" or a shared cache_dir)")
+                throw TrainingError("\(entry.image.path): latent \(key.fileName) is missing from \(cacheDirectory.path)/latents (another rank's cache folder not shared? use cache_mode = \"node_local\" or a shared cache_dir)")
             }
             // A fresh draw from the VAE posterior each use (diffusers' latent_dist.sample()), × scaling factor.
             var latentRNG = RunRandom.sample(seed: seed, .latent, epoch: plan.epoch, step: stepIndex, image: id, occurrence: occurrence)
