@@ -40,7 +40,8 @@ public final class Trainer {
     var noiseOptions = NoiseOptions()
     var lossOptions = LossOptions()
     var coordinator: Coordinator!
-    var report: DatasetReport!
+    /// The dataset at its first (or only) training resolution: subsets, captions, the batch size.
+    var report: DatasetReport { reports[0].report }
     var latentCache: LatentCache!
     /// The dataset at each training resolution (nil: the dataset's own).
     var reports: [(resolution: Int?, report: DatasetReport)] = []
@@ -119,7 +120,6 @@ public final class Trainer {
                 cfg.datasets = cfg.datasets.map { $0.map { var s = $0; s.resolution = [r, r]; return s } }
             }
             let rep = try DatasetReport.make(cfg)
-            if report == nil { report = rep }
             for issue in rep.issues where issues.insert(issue.description).inserted { say("skipped \(issue)") }
             for e in rep.entries { samples[Self.sampleID(e, subsets: rep.subsets, resolution: r)] = e }
             reports.append((r, rep))
@@ -223,8 +223,6 @@ public final class Trainer {
         }
         latentCache = try LatentCache(storage: .disk(cacheDirectory.appendingPathComponent("latents")))
         let mine: (CacheJob) -> Bool = { jobOwner[$0.key] == self.rank }
-        let todo = jobs.filter { mine($0) && self.latentCache.lookup($0.key) == nil }.count
-        if todo > 0 { log.info("encoding \(todo) latents (this rank's share)") }
         var vae: VAE? = nil
         let local = try CacheBuilder.build(jobs, cache: latentCache, isAssigned: mine, encode: { x in
             if vae == nil { vae = try self.checkpoint.vae() }

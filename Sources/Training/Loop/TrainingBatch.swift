@@ -34,17 +34,6 @@ public enum RunRandom {
     }
 }
 
-/// One image's training inputs for one step, before batching.
-struct TrainingSample {
-    let latents: Tensor        // [1, 4, h, w], scaled by the VAE's scaling factor
-    let context: Tensor        // [1, T, 2048]
-    let pooled: Tensor         // [1, P]
-    let originalSize: (h: Int, w: Int)
-    let cropTopLeft: (top: Int, left: Int)
-    let targetSize: (h: Int, w: Int)
-    let lossWeight: Float      // kohya loss_weights: prior_loss_weight for regularisation images, else 1
-}
-
 /// The text side: captions → (context, pooled), with a per-caption memo when captions never vary.
 final class TextConditioner {
     let encoderL: CLIPTextEncoderL

@@ -195,7 +195,7 @@ public final class LoRANetwork: LayerAdapters {
         // Evaluation without an explicit bind(): frozen Vars over the current values.
         if downVars.isEmpty { bind(trainable: false) }
         let m = modules[i]
-        var rng = SeededRandom(seed: dropoutSeed ^ Self.fnv1a(m.name))
+        var rng = SeededRandom(seed: dropoutSeed ^ RunRandom.fnv1a(m.name))
         if training, let p = spec.moduleDropout, p > 0, Float(rng.uniform()) < p { return output }
         var scale = m.scale * multiplier
         var lx: Var
@@ -229,11 +229,5 @@ public final class LoRANetwork: LayerAdapters {
         case .conv: up = t.conv2d(lx, upVars[i])
         }
         return t.add(output, t.scale(up, scale))
-    }
-
-    static func fnv1a(_ s: String) -> UInt64 {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        return h
     }
 }
