@@ -136,11 +136,11 @@ struct Eval: ParsableCommand {
     @Option(help: "Attention head size of the UNet (shapes cannot tell; default: the file's metadata, else 64).") var headDim: Int?
     @Option(help: "GroupNorm groups of the UNet (shapes cannot tell; default: the file's metadata, else 32).") var normGroups: Int?
     @Option(help: "Output .safetensors file.") var out: String
-    @Option(help: "A kohya-format LoRA (.safetensors) applied to the UNet (unet only).") var lora: String?
+    @Option(help: "A kohya-format LoRA (.safetensors): its UNet modules apply to eval unet, its text-encoder modules to eval text.") var lora: String?
     @Option(help: "The LoRA's multiplier (strength).") var loraMultiplier: Float = 1
 
     func validate() throws {
-        if lora != nil && component != .unet { throw ValidationError("--lora applies to eval unet only") }
+        if lora != nil && component != .unet && component != .text { throw ValidationError("--lora applies to eval unet and eval text") }
         if component == .text {
             guard !prompt.isEmpty else { throw ValidationError("eval text needs at least one --prompt") }
         } else {
@@ -158,9 +158,8 @@ struct Eval: ParsableCommand {
                 var adapters: ((UNet) throws -> LayerAdapters)? = nil
                 if let lora {
                     let contents = try LoRAFile.read(lora)
-                    if !contents.textEncoderModules.isEmpty {
-                        print("note: \(lora) also has \(contents.textEncoderModules.count) text-encoder modules; eval unet applies the UNet's")
-                    }
+                    let te = contents.modules(of: .textEncoder1).count + contents.modules(of: .textEncoder2).count
+                    if te > 0 { print("note: \(lora) also has \(te) text-encoder modules; eval unet applies the UNet's (eval text the others)") }
                     adapters = { try LoRANetwork(unet: $0, contents: contents, multiplier: self.loraMultiplier) }
                 }
                 outputs = try Evaluate.unet(ckpt, inputs: try SafeTensorsFile(path: inputs!), adapters: adapters)
@@ -168,7 +167,16 @@ struct Eval: ParsableCommand {
             case .vaeDecode: outputs = try Evaluate.vaeDecode(ckpt, inputs: try SafeTensorsFile(path: inputs!))
             case .text:
                 let tokenizers = (try CLIPTokenizer.bundled(padding: .endOfText), try CLIPTokenizer.bundled(padding: .zero))
-                outputs = try Evaluate.text(ckpt, prompts: prompt, maxTokenLength: maxTokenLength, size: size, tokenizers: tokenizers)
+                var adapters: ((CLIPTextEncoderL, OpenCLIPTextEncoderG) throws -> LayerAdapters)? = nil
+                if let lora {
+                    let contents = try LoRAFile.read(lora)
+                    if contents.modules(of: .textEncoder1).isEmpty && contents.modules(of: .textEncoder2).isEmpty {
+                        print("note: \(lora) has no text-encoder modules (trained UNet-only); the encoders run unchanged")
+                    }
+                    adapters = { try LoRANetwork(unet: nil, textEncoders: ($0, $1), contents: contents, multiplier: self.loraMultiplier) }
+                }
+                outputs = try Evaluate.text(ckpt, prompts: prompt, maxTokenLength: maxTokenLength, size: size, tokenizers: tokenizers,
+                                            adapters: adapters)
             }
             try writeSafeTensors(outputs, metadata: ["lora_dist.eval": component.rawValue, "model": model], to: out)
             print("wrote \(out): " + outputs.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value.shape)" }.joined(separator: ", "))

@@ -38,7 +38,7 @@ public enum Conditioning {
     /// (`pool2[::n_size]`). The two encoders' states are concatenated on the channel axis (kohya's
     /// `torch.cat([encoder_hidden_states1, encoder_hidden_states2], dim=2)`; sgm's GeneralConditioner "crossattn").
     public static func encode(_ t: Tape, l: CLIPTextEncoderL, g: OpenCLIPTextEncoderG, idsL: [[[Int]]],
-                              idsG: [[[Int]]]) -> (context: Var, pooled: Var) {
+                              idsG: [[[Int]]], checkpointing: Bool = false) -> (context: Var, pooled: Var) {
         let b = idsL.count, n = idsL.first?.count ?? 0
         let positions = l.config.positions
         precondition(b > 0 && n > 0, "encode: no prompts")
@@ -48,8 +48,8 @@ public enum Conditioning {
 
         let rowsL = idsL.flatMap { $0 }, rowsG = idsG.flatMap { $0 }           // B·n rows, prompt-major
         precondition((rowsL + rowsG).allSatisfy { $0.count == positions }, "encode: every chunk must hold \(positions) ids")
-        let hiddenL = l(t, ids: rowsL)                                           // [B·n, 77, CL]
-        let (hiddenG, pooledAll) = g(t, ids: rowsG)                              // [B·n, 77, CG], [B·n, P]
+        let hiddenL = l(t, ids: rowsL, checkpointing: checkpointing)             // [B·n, 77, CL]
+        let (hiddenG, pooledAll) = g(t, ids: rowsG, checkpointing: checkpointing)                             // [B·n, 77, CG], [B·n, P]
         let chunks = t.concat([hiddenL, hiddenG], axis: 2)                       // [B·n, 77, CL + CG]
         guard n > 1 else { return (chunks, pooledAll) }
 

@@ -61,9 +61,11 @@ public enum Evaluate {
     }
 
     /// prompts → context [B, 75n+2, contextDim], pooled [B, P], tokens1/tokens2 [B, n, 77] (as floats), and y for
-    /// a square `size` image without crop. maxTokenLength 75, 150 or 225 (kohya's max_token_length).
+    /// a square `size` image without crop. maxTokenLength 75, 150 or 225 (kohya's max_token_length). `adapters`
+    /// (e.g. a LoRA's text-encoder modules) are built for the two encoders.
     public static func text(_ ckpt: SDXLCheckpoint, prompts: [String], maxTokenLength: Int, size: Int,
-                            tokenizers: (CLIPTokenizer, CLIPTokenizer)) throws -> [String: Tensor] {
+                            tokenizers: (CLIPTokenizer, CLIPTokenizer),
+                            adapters: ((CLIPTextEncoderL, OpenCLIPTextEncoderG) throws -> LayerAdapters)? = nil) throws -> [String: Tensor] {
         guard [75, 150, 225].contains(maxTokenLength) else {
             throw InputError(description: "max token length \(maxTokenLength): use 75, 150 or 225 (as kohya's max_token_length)")
         }
@@ -74,7 +76,7 @@ public enum Evaluate {
         }
         let idsL = prompts.map { tokenizers.0.chunks($0, maxTokenLength: maxTokenLength) }
         let idsG = prompts.map { tokenizers.1.chunks($0, maxTokenLength: maxTokenLength) }
-        let t = Tape(recording: false)
+        let t = Tape(recording: false, adapters: try adapters?(l, g))
         let (context, pooled) = Conditioning.encode(t, l: l, g: g, idsL: idsL, idsG: idsG)
         let sizes = prompts.map { _ in (h: size, w: size) }
         let y = Conditioning.y(t, pooled: pooled, originalSize: sizes, cropTopLeft: prompts.map { _ in (top: 0, left: 0) },

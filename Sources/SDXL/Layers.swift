@@ -13,6 +13,17 @@ public struct LinearLayer {
         path = w.path
         weight = Var(w.tensor("weight", [outFeatures, inFeatures]))
         self.bias = bias ? Var(w.tensor("bias", [outFeatures])) : nil
+        w.record(weightKey: w.key("weight"), kind: .linear(inFeatures: inFeatures, outFeatures: outFeatures))
+    }
+
+    /// A layer whose tensors sit beside its path rather than below it: `<scope>.<name>_weight` / `_bias`
+    /// (OpenCLIP's fused `attn.in_proj_weight`); its path is `<scope>.<name>`.
+    public init(_ w: WeightScope, fused name: String, _ inFeatures: Int, _ outFeatures: Int) {
+        let layer = w[name]
+        path = layer.path
+        weight = Var(w.tensor("\(name)_weight", [outFeatures, inFeatures]))
+        bias = Var(w.tensor("\(name)_bias", [outFeatures]))
+        layer.record(weightKey: w.key("\(name)_weight"), kind: .linear(inFeatures: inFeatures, outFeatures: outFeatures))
     }
 
     /// A layer over given tensors (e.g. one slice of a fused projection).
@@ -44,6 +55,8 @@ public struct Conv2dLayer {
         self.bias = bias ? Var(w.tensor("bias", [outChannels])) : nil
         self.stride = stride
         self.padding = padding ?? kernel / 2
+        w.record(weightKey: w.key("weight"), kind: .conv(inChannels: inChannels, outChannels: outChannels, kernel: kernel,
+                                                          stride: stride, padding: self.padding))
     }
 
     public func callAsFunction(_ t: Tape, _ x: Var) -> Var {

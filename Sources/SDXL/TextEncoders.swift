@@ -121,6 +121,8 @@ public final class CLIPTextEncoderL {
     let layers: [CLIPEncoderLayer]
     /// Bound for strict loading, not applied (see the type's comment).
     public let finalLayerNorm: LayerNormLayer
+    /// Every Linear, in module order, as recorded while binding.
+    public let adaptableLayers: [AdaptableLayer]
 
     /// `w` is the scope of the `text_model` module (`binder.scope(CLIPTextEncoderL.keyPrefix)`).
     public init(_ w: WeightScope, config: CLIPTextConfig) {
@@ -130,12 +132,16 @@ public final class CLIPTextEncoderL {
         positionEmbedding = Var(embeddings["position_embedding"].tensor("weight", [config.positions, config.width]))
         layers = (0..<config.layers).map { CLIPEncoderLayer(w["encoder"]["layers"][$0], config: config) }
         finalLayerNorm = LayerNormLayer(w["final_layer_norm"], config.width, eps: CLIPTextConfig.layerNormEps)
+        adaptableLayers = w.layers
     }
 
-    /// ids: B rows of N ≤ positions token ids → the penultimate hidden state [B, N, width].
-    public func callAsFunction(_ t: Tape, ids: [[Int]]) -> Var {
+    /// ids: B rows of N ≤ positions token ids → the penultimate hidden state [B, N, width]. `checkpointing`: each
+    /// layer runs under `Tape.checkpoint` (its activations recomputed in backward), for a trained encoder.
+    public func callAsFunction(_ t: Tape, ids: [[Int]], checkpointing: Bool = false) -> Var {
         var x = clipTextEmbeddings(t, ids: ids, tokens: tokenEmbedding, positions: positionEmbedding)
-        for layer in layers.dropLast() { x = layer(t, x) }
+        for layer in layers.dropLast() {
+            x = checkpointing ? t.checkpoint([x]) { t, v in layer(t, v[0]) } : layer(t, x)
+        }
         return x
     }
 }
@@ -151,13 +157,14 @@ struct CLIPEncoderLayer {
     init(_ w: WeightScope, config c: CLIPTextConfig) {
         layerNorm1 = LayerNormLayer(w["layer_norm1"], c.width, eps: CLIPTextConfig.layerNormEps)
         layerNorm2 = LayerNormLayer(w["layer_norm2"], c.width, eps: CLIPTextConfig.layerNormEps)
-        let attn = w["self_attn"]
+        let attn = w["self_attn"].container(.attention)
         q = LinearLayer(attn["q_proj"], c.width, c.width)
         k = LinearLayer(attn["k_proj"], c.width, c.width)
         v = LinearLayer(attn["v_proj"], c.width, c.width)
         out = LinearLayer(attn["out_proj"], c.width, c.width)
-        fc1 = LinearLayer(w["mlp"]["fc1"], c.width, c.mlpWidth)
-        fc2 = LinearLayer(w["mlp"]["fc2"], c.mlpWidth, c.width)
+        let mlp = w["mlp"].container(.mlp)
+        fc1 = LinearLayer(mlp["fc1"], c.width, c.mlpWidth)
+        fc2 = LinearLayer(mlp["fc2"], c.mlpWidth, c.width)
         heads = c.heads
     }
 
@@ -205,6 +212,8 @@ public final class OpenCLIPTextEncoderG {
     public let lnFinal: LayerNormLayer
     public let textProjection: Var              // [width, projection]
     public var pooledProjection: PooledProjection
+    /// Every Linear, in module order, as recorded while binding (in_proj as one fused layer).
+    public let adaptableLayers: [AdaptableLayer]
 
     /// `w` is the scope of the `model` module (`binder.scope(OpenCLIPTextEncoderG.keyPrefix)`).
     public init(_ w: WeightScope, config: CLIPTextConfig, pooledProjection: PooledProjection = .openCLIP) {
@@ -218,14 +227,19 @@ public final class OpenCLIPTextEncoderG {
         blocks = (0..<config.layers).map { OpenCLIPResidualBlock(w["transformer"]["resblocks"][$0], config: config) }
         lnFinal = LayerNormLayer(w["ln_final"], config.width, eps: CLIPTextConfig.layerNormEps)
         textProjection = Var(w.tensor("text_projection", [config.width, config.projection!]))
+        adaptableLayers = w.layers
     }
 
     /// ids: B rows of N ≤ positions token ids.
-    public func callAsFunction(_ t: Tape, ids: [[Int]]) -> (penultimate: Var, pooled: Var) {
+    /// `checkpointing`: each block runs under `Tape.checkpoint`, for a trained encoder.
+    public func callAsFunction(_ t: Tape, ids: [[Int]], checkpointing: Bool = false) -> (penultimate: Var, pooled: Var) {
+        func run(_ block: OpenCLIPResidualBlock, _ x: Var) -> Var {
+            checkpointing ? t.checkpoint([x]) { t, v in block(t, v[0]) } : block(t, x)
+        }
         var x = clipTextEmbeddings(t, ids: ids, tokens: tokenEmbedding, positions: positionalEmbedding)
-        for block in blocks.dropLast() { x = block(t, x) }
+        for block in blocks.dropLast() { x = run(block, x) }
         let penultimate = x
-        let last = blocks.last.map { $0(t, x) } ?? x        // [B, N, C]
+        let last = blocks.last.map { run($0, x) } ?? x        // [B, N, C]
         // ln_final is per row, so pick the end-of-text rows first and normalise only those.
         let n = last.shape[1], c = config.width
         let rows = t.reshape(last, [ids.count * n, c])
@@ -251,12 +265,12 @@ struct OpenCLIPResidualBlock {
     init(_ w: WeightScope, config c: CLIPTextConfig) {
         ln1 = LayerNormLayer(w["ln_1"], c.width, eps: CLIPTextConfig.layerNormEps)
         ln2 = LayerNormLayer(w["ln_2"], c.width, eps: CLIPTextConfig.layerNormEps)
-        let attn = w["attn"]
-        inProj = LinearLayer(path: attn.key("in_proj"), weight: attn.tensor("in_proj_weight", [3 * c.width, c.width]),
-                             bias: attn.tensor("in_proj_bias", [3 * c.width]))
+        let attn = w["attn"].container(.attention)
+        inProj = LinearLayer(attn, fused: "in_proj", c.width, 3 * c.width)
         outProj = LinearLayer(attn["out_proj"], c.width, c.width)
-        cFC = LinearLayer(w["mlp"]["c_fc"], c.width, c.mlpWidth)
-        cProj = LinearLayer(w["mlp"]["c_proj"], c.mlpWidth, c.width)
+        let mlp = w["mlp"].container(.mlp)
+        cFC = LinearLayer(mlp["c_fc"], c.width, c.mlpWidth)
+        cProj = LinearLayer(mlp["c_proj"], c.mlpWidth, c.width)
         heads = c.heads
         width = c.width
     }

@@ -24,6 +24,8 @@ public final class UNet {
     public let outputBlocks: [[UNetLayer]]
     public let outNorm: GroupNormLayer                              // out.0
     public let outConv: Conv2dLayer                                 // out.2
+    /// Every Linear and Conv2d, in module order, as recorded while binding (LoRA networks are generated from it).
+    public let adaptableLayers: [AdaptableLayer]
 
     /// Binds every weight under `w` (normally `binder.scope("model.diffusion_model")`).
     public init(_ w: WeightScope, config: UNetConfig) {
@@ -60,7 +62,7 @@ public final class UNet {
             }
             if level != c.channelMult.count - 1 {
                 let scope = w["input_blocks"][inputs.count + 1]
-                inputs.append([.downsample(Conv2dLayer(scope[0]["op"], ch, ch, kernel: 3, stride: 2, padding: 1))])
+                inputs.append([.downsample(Conv2dLayer(scope[0].container(.downsample)["op"], ch, ch, kernel: 3, stride: 2, padding: 1))])
                 skipChannels.append(ch)
             }
         }
@@ -80,7 +82,7 @@ public final class UNet {
                 ch = mult * mc
                 if c.transformerDepth[level] > 0 { layers.append(transformer(scope[1], ch, c.transformerDepth[level])) }
                 if level > 0 && i == c.resBlocksPerLevel {
-                    layers.append(.upsample(Conv2dLayer(scope[layers.count]["conv"], ch, ch, kernel: 3)))
+                    layers.append(.upsample(Conv2dLayer(scope[layers.count].container(.upsample)["conv"], ch, ch, kernel: 3)))
                 }
                 outputs.append(layers)
             }
@@ -89,6 +91,7 @@ public final class UNet {
 
         outNorm = GroupNormLayer(w["out"][0], channels: ch, groups: groups, eps: 1e-5)
         outConv = Conv2dLayer(w["out"][2], ch, c.outChannels, kernel: 3)
+        adaptableLayers = w.layers
     }
 
     /// x [B, in, h, w] (h, w divisible by 2^(levels−1)), timesteps [B], context [B, T, contextDim],
@@ -127,70 +130,5 @@ public final class UNet {
             h = run(block, t.concat([h, skips.removeLast()], axis: 1))   // torch.cat([h, hs.pop()], dim=1)
         }
         return outConv(t, t.silu(outNorm(t, h)))
-    }
-}
-
-/// A layer adapters can attach to (LoRA): its weight key prefix, its shape, and the kind of block it sits in
-/// (kohya picks LoRA targets by the enclosing module's class: Transformer2DModel, ResnetBlock2D, Downsample2D,
-/// Upsample2D).
-public struct AdaptableLayer: Equatable, Sendable {
-    public enum Kind: Equatable, Sendable {
-        case linear(inFeatures: Int, outFeatures: Int)
-        case conv(inChannels: Int, outChannels: Int, kernel: Int, stride: Int, padding: Int)
-    }
-    public enum Container: String, Sendable {
-        case transformer, resBlock, downsample, upsample, other
-    }
-    public let path: String
-    public let kind: Kind
-    public let container: Container
-
-    init(_ layer: LinearLayer, _ container: Container) {
-        path = layer.path
-        kind = .linear(inFeatures: layer.inFeatures, outFeatures: layer.outFeatures)
-        self.container = container
-    }
-
-    init(_ layer: Conv2dLayer, _ container: Container) {
-        path = layer.path
-        kind = .conv(inChannels: layer.weight.shape[1], outChannels: layer.weight.shape[0], kernel: layer.weight.shape[2],
-                     stride: layer.stride, padding: layer.padding)
-        self.container = container
-    }
-}
-
-extension UNet {
-    /// Every Linear and Conv2d of the UNet in module order (PyTorch's named_modules order for sgm's UNetModel),
-    /// tagged with the block it belongs to. LoRA networks are generated from this list.
-    public var adaptableLayers: [AdaptableLayer] {
-        var out: [AdaptableLayer] = [
-            AdaptableLayer(timeEmbed1, .other), AdaptableLayer(timeEmbed2, .other),
-            AdaptableLayer(labelEmbed1, .other), AdaptableLayer(labelEmbed2, .other),
-            AdaptableLayer(convIn, .other),
-        ]
-        func add(_ layer: UNetLayer) {
-            switch layer {
-            case .res(let r):
-                out += [AdaptableLayer(r.inConv, .resBlock), AdaptableLayer(r.embProjection, .resBlock),
-                        AdaptableLayer(r.outConv, .resBlock)]
-                if let skip = r.skip { out.append(AdaptableLayer(skip, .resBlock)) }
-            case .transformer(let s):
-                out.append(AdaptableLayer(s.projIn, .transformer))
-                for b in s.blocks {
-                    for a in [b.attn1, b.attn2] {
-                        out += [a.toQ, a.toK, a.toV, a.toOut].map { AdaptableLayer($0, .transformer) }
-                    }
-                    out += [AdaptableLayer(b.ff.projection, .transformer), AdaptableLayer(b.ff.output, .transformer)]
-                }
-                out.append(AdaptableLayer(s.projOut, .transformer))
-            case .downsample(let c): out.append(AdaptableLayer(c, .downsample))
-            case .upsample(let c): out.append(AdaptableLayer(c, .upsample))
-            }
-        }
-        for block in inputBlocks { block.forEach(add) }
-        middleBlock.forEach(add)
-        for block in outputBlocks { block.forEach(add) }
-        out += [AdaptableLayer(outConv, .other)]
-        return out
     }
 }

@@ -12,6 +12,7 @@ public final class ResBlock {
     public let skip: Conv2dLayer?           // skip_connection (1×1)
 
     public init(_ w: WeightScope, inChannels: Int, outChannels: Int, embDim: Int, groups: Int) {
+        let w = w.container(.resBlock)
         inNorm = GroupNormLayer(w["in_layers"][0], channels: inChannels, groups: groups, eps: 1e-5)
         inConv = Conv2dLayer(w["in_layers"][2], inChannels, outChannels, kernel: 3)
         embProjection = LinearLayer(w["emb_layers"][1], embDim, outChannels)
@@ -102,6 +103,7 @@ public final class SpatialTransformer {
     public let projOut: LinearLayer
 
     public init(_ w: WeightScope, channels: Int, depth: Int, contextDim: Int, headDim: Int, groups: Int) {
+        let w = w.container(.transformer)
         precondition(channels % headDim == 0, "SpatialTransformer: \(channels) channels do not split into heads of \(headDim)")
         norm = GroupNormLayer(w["norm"], channels: channels, groups: groups, eps: 1e-6)
         projIn = LinearLayer(w["proj_in"], channels, channels)

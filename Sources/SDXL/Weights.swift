@@ -97,8 +97,31 @@ public final class WeightBinder {
     private var missing: [String] = []
     private var mismatched: [(key: String, expected: [Int], found: [Int])] = []
     private var failure: Error?
+    /// Every Linear/Conv2d built on this binder, in construction order (PyTorch's named_modules order, since
+    /// modules are built in their parents' order). LoRA networks are generated from this record.
+    public private(set) var layers: [AdaptableLayer] = []
+    /// Scope path → the kind of block built there (kohya picks LoRA targets by the enclosing module's class).
+    private var containers: [String: AdaptableLayer.Container] = [:]
 
     public init(_ source: WeightSource) { self.source = source }
+
+    /// Records a layer, tagged with its innermost enclosing container.
+    func record(path: String, weightKey: String, kind: AdaptableLayer.Kind) {
+        var container = AdaptableLayer.Container.other
+        var scope = Substring(path)
+        while let dot = scope.lastIndex(of: ".") {
+            scope = scope[..<dot]
+            if let c = containers[String(scope)] { container = c; break }
+        }
+        layers.append(AdaptableLayer(path: path, weightKey: weightKey, kind: kind, container: container))
+    }
+
+    /// The recorded layers whose path is under `prefix`.
+    public func layers(under prefix: String) -> [AdaptableLayer] {
+        layers.filter { $0.path.hasPrefix(prefix + ".") }
+    }
+
+    func tag(_ path: String, _ container: AdaptableLayer.Container) { containers[path] = container }
 
     /// The scope at the root of the key space, or under `prefix`.
     public func scope(_ prefix: String = "") -> WeightScope { WeightScope(binder: self, path: prefix) }
@@ -154,6 +177,36 @@ public struct WeightScope {
     }
 
     public func key(_ name: String) -> String { path.isEmpty ? name : "\(path).\(name)" }
+
+    /// This scope, recorded as a block of `container`'s kind: layers built below it are tagged with it.
+    public func container(_ container: AdaptableLayer.Container) -> WeightScope {
+        binder.tag(path, container)
+        return self
+    }
+
+    /// Every layer built below this scope so far, in construction order.
+    public var layers: [AdaptableLayer] { binder.layers(under: path) }
+
+    func record(weightKey: String, kind: AdaptableLayer.Kind) { binder.record(path: path, weightKey: weightKey, kind: kind) }
+}
+
+/// A layer adapters can attach to (LoRA), as recorded when it was built: its path (weight key prefix), the key
+/// of its weight, its shape, and the kind of block it sits in (kohya picks LoRA targets by the enclosing
+/// module's class: Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D in the UNet; CLIPAttention and
+/// CLIPMLP in the text encoders).
+public struct AdaptableLayer: Equatable, Sendable {
+    public enum Kind: Equatable, Sendable {
+        case linear(inFeatures: Int, outFeatures: Int)
+        case conv(inChannels: Int, outChannels: Int, kernel: Int, stride: Int, padding: Int)
+    }
+    public enum Container: String, Sendable {
+        case transformer, resBlock, downsample, upsample, attention, mlp, other
+    }
+    public let path: String
+    /// `<path>.weight`, or the fused key a layer reads (OpenCLIP's `attn.in_proj_weight`).
+    public let weightKey: String
+    public let kind: Kind
+    public let container: Container
 }
 
 /// Every key's tensor is a bf16 view of the same anonymous read-only mapping: binding a model costs

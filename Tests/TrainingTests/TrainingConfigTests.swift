@@ -300,9 +300,11 @@ final class TrainingConfigTests: XCTestCase {
         // resolution: "W,H", "N", N or [W, H].
         XCTAssertEqual(try parse("pretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"i\"\nresolution = \"768,1024\"\n").datasetArguments.resolution, [768, 1024])
         XCTAssertEqual(try parse("pretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"i\"\nresolution = [640, 512]\n").datasetArguments.resolution, [640, 512])
-        // text_encoder_lr: a number or kohya's per-encoder list of equal values.
-        XCTAssertEqual(try parse(minimal + "text_encoder_lr = [5e-5, 5e-5]\n").textEncoderLR, 5e-5)
-        XCTAssertTrue(message { try self.parse(self.minimal + "text_encoder_lr = [5e-5, 1e-5]\n") }.contains("`text_encoder_lr`"))
+        // text_encoder_lr: a number or kohya's per-encoder list [te1, te2].
+        XCTAssertEqual(try parse(minimal + "text_encoder_lr = 1e-6\n").textEncoderLR, [1e-6])
+        XCTAssertEqual(try parse(minimal + "text_encoder_lr = [5e-5, 1e-5]\n").textEncoderLR, [5e-5, 1e-5])
+        XCTAssertNil(try parse(minimal + "text_encoder_lr = []\n").textEncoderLR)
+        XCTAssertTrue(message { try self.parse(self.minimal + "text_encoder_lr = [5e-5, 1e-5, 1e-5]\n") }.contains("`text_encoder_lr`"))
         // kohya's legacy optimizer switch.
         XCTAssertEqual(try parse(minimal + "use_8bit_adam = true\n").optimizerType, "AdamW8bit")
         XCTAssertEqual(try parse(minimal + "optimizer_type = \"adamw8bit\"\n").optimizerType, "AdamW8bit")

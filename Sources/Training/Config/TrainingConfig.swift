@@ -58,7 +58,8 @@ public struct TrainingConfig: Sendable {
     public var seed: Int? = nil
     public var learningRate = 2.0e-6
     public var unetLR: Double? = nil
-    public var textEncoderLR: Double? = nil
+    /// kohya text_encoder_lr: one rate for both text encoders, or [te1, te2] (nil: learning_rate).
+    public var textEncoderLR: [Double]? = nil
     public var lrScheduler = "constant"
     /// kohya --lr_warmup_steps: an int number of steps, or a float < 1 read as a ratio of max steps.
     public var lrWarmupSteps = 0.0

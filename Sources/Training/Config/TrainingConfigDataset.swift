@@ -261,7 +261,7 @@ extension TrainingConfig {
         case "seed": return opt(seed, KohyaValue.int)
         case "learning_rate": return .float(learningRate)
         case "unet_lr": return opt(unetLR, KohyaValue.float)
-        case "text_encoder_lr": return opt(textEncoderLR) { .floats([$0]) }
+        case "text_encoder_lr": return opt(textEncoderLR) { .floats($0) }
         case "lr_scheduler": return .string(lrScheduler)
         case "lr_warmup_steps":
             return lrWarmupSteps < 1 && lrWarmupSteps > 0 ? .float(lrWarmupSteps) : .int(Int(lrWarmupSteps))

@@ -361,12 +361,10 @@ extension TrainingConfig {
         case "learning_rate": learningRate = try nonNegative(dbl())
         case "unet_lr": unetLR = try nonNegative(dbl())
         case "text_encoder_lr":
-            guard case .floats(let lrs) = value, !lrs.isEmpty else { throw error(key, "is empty; give one learning rate") }
-            // kohya takes one rate per text encoder; lora-dist has one text-encoder group.
-            guard Set(lrs).count == 1 else {
-                throw error(key, "= \(lrs): a different rate per text encoder is not implemented — give one number")
-            }
-            textEncoderLR = try nonNegative(lrs[0])
+            // kohya (nargs="*"): none or [] = learning_rate; one number for both encoders; [te1, te2].
+            guard case .floats(let lrs) = value else { break }
+            guard lrs.count <= 2 else { throw error(key, "= \(lrs): SDXL has two text encoders — give one rate, or [te1, te2]") }
+            textEncoderLR = lrs.isEmpty ? nil : try lrs.map(nonNegative)
         case "lr_scheduler":
             guard Self.schedulers.contains(str()) else {
                 throw error(key, "= \"\(str())\": lora-dist implements \(Self.schedulers.joined(separator: ", ")) — pick one of those")

@@ -16,7 +16,8 @@ extension Trainer {
         if final { m["ss_training_finished_at"] = String(Date().timeIntervalSince1970) }
         m["ss_output_name"] = c.outputName
         m["ss_learning_rate"] = String(c.learningRate)
-        m["ss_text_encoder_lr"] = py(c.textEncoderLR)
+        // kohya records str(args.text_encoder_lr): a TOML number as is, a list as Python prints it.
+        m["ss_text_encoder_lr"] = c.textEncoderLR.map { $0.count == 1 ? String($0[0]) : "[" + $0.map { String($0) }.joined(separator: ", ") + "]" } ?? "None"
         m["ss_unet_lr"] = py(c.unetLR)
         m["ss_num_train_images"] = String(coordinator.samplesPerEpoch)
         m["ss_num_reg_images"] = String(report.entries.filter { report.subsets[$0.image.subset].isReg }.count)

@@ -142,25 +142,40 @@ public final class Trainer {
         totalEpochs = (totalSteps + perEpoch - 1) / perEpoch
 
         try buildLatentCache()
-        let memoize = report.subsets.allSatisfy { TextCache.isStatic(options: captionOptions(for: $0)) }
-        text = try TextConditioner(checkpoint: checkpoint, maxTokenLength: config.maxTokenLength, memoize: memoize)
+        let net = try config.networkOptions
+        let memoize = !net.trainTextEncoder && report.subsets.allSatisfy { TextCache.isStatic(options: captionOptions(for: $0)) }
+        // sgm's pooled projection (what ComfyUI/A1111/diffusers use at inference); kohya's single-file loader leaves
+        // bigG's text_projection untransposed, which gives another pooled vector — we train with the inference one.
+        let encoders = try checkpoint.textEncoders(pooledProjection: .openCLIP)
+        text = try TextConditioner(encoders: encoders, maxTokenLength: config.maxTokenLength, memoize: memoize)
         unet = try checkpoint.unet()
 
-        let net = try config.networkOptions
-        if net.trainTextEncoder {
-            throw TrainingError("training text-encoder LoRA modules is not implemented in lora-dist yet: set network_train_unet_only = true")
-        }
         let spec = LoRASpec(linearRank: net.linearDim, linearAlpha: Float(net.linearAlpha), convRank: net.convDim,
                             convAlpha: net.convAlpha.map(Float.init), dropout: net.dropout.map(Float.init),
                             rankDropout: net.rankDropout.map(Float.init), moduleDropout: net.moduleDropout.map(Float.init))
-        network = try LoRANetwork(unet: unet, spec: spec, seed: RunRandom.mix([seed, RunRandom.Stream.lora.rawValue]))
+        network = try LoRANetwork(unet: net.trainUNet ? unet : nil, textEncoders: net.trainTextEncoder ? encoders : nil,
+                                  spec: spec, seed: RunRandom.mix([seed, RunRandom.Stream.lora.rawValue]))
         if let weights = config.networkWeights {
             try network.load(try LoRAFile.read(weights))
             say("network_weights: started from \(weights)")
         }
-        let entries = network.tensorLayout.map { ParameterLayout.Entry(name: $0.name, shape: $0.shape, offset: $0.offset, group: 0) }
-        layout = ParameterLayout(entries: entries, groupNames: ["unet"])
-        baseLearningRates = [config.unetLR ?? config.learningRate]
+        // kohya's parameter groups (prepare_optimizer_params_with_multiple_te_lrs): text encoder 1 and 2 at
+        // text_encoder_lr (one value for both, or [te1, te2]; learning_rate when unset), the UNet at unet_lr
+        // (else learning_rate).
+        let models = network.models
+        let entries = network.modules.flatMap { m in
+            [(m.downName, m.downShape, m.downOffset), (m.upName, m.upShape, m.upOffset)].map {
+                ParameterLayout.Entry(name: $0.0, shape: $0.1, offset: $0.2, group: models.firstIndex(of: m.model)!)
+            }
+        }
+        layout = ParameterLayout(entries: entries, groupNames: models.map(\.groupName))
+        baseLearningRates = models.map { model in
+            switch model {
+            case .unet: return config.unetLR ?? config.learningRate
+            case .textEncoder1: return config.textEncoderLR?.first ?? config.learningRate
+            case .textEncoder2: return config.textEncoderLR?.last ?? config.learningRate
+            }
+        }
         optimizer = try Optimizers.make(type: config.optimizerType, args: config.optimizerArgs, layout: layout,
                                         baseLearningRate: config.learningRate)
         let warmup = LRSchedule.warmupSteps(config.lrWarmupSteps, totalSteps: totalSteps)
@@ -169,7 +184,9 @@ public final class Trainer {
         // for one device, so the schedule a user wrote is the one applied).
         schedule = try LRSchedule(name: config.lrScheduler, warmupSteps: warmup, totalSteps: totalSteps,
                                   numCycles: config.lrSchedulerNumCycles, power: config.lrSchedulerPower,
-                                  baseLearningRate: baseLearningRates[0])
+                                  // transformers' polynomial schedule decays from optimizer.defaults["lr"], which kohya
+                                  // sets to learning_rate (not a group's rate).
+                                  baseLearningRate: config.learningRate)
         try optimizer.validate(learningRates: baseLearningRates)
 
         noiseSchedule = NoiseSchedule(zeroTerminalSNR: config.zeroTerminalSNR)
@@ -249,7 +266,7 @@ public final class Trainer {
         for r in 0..<rank { for id in step.batches[r] { seen[id, default: 0] += 1 } }
 
         var latents: [Tensor] = [], noise: [Tensor] = [], noisy: [Tensor] = [], timesteps: [Int] = []
-        var contexts: [Tensor] = [], pooled: [Tensor] = [], weights: [Float] = []
+        var captions: [String] = [], weights: [Float] = []
         var original: [(h: Int, w: Int)] = [], crops: [(top: Int, left: Int)] = [], targets: [(h: Int, w: Int)] = []
         for id in ids {
             let occurrence = seen[id, default: 0]
@@ -276,23 +293,28 @@ public final class Trainer {
             // kohya's current_epoch counts from 1.
             let caption = Captions.process(raw, options: captionOptions(for: subset), seed: seed, epoch: plan.epoch + 1,
                                            imageID: id + "#\(occurrence)")
-            let (c, p) = text.encode(caption)
-            contexts.append(c); pooled.append(p)
+            captions.append(caption)
             weights.append(subset.isReg ? Float(subset.priorLossWeight) : 1)
-            original.append((cached.originalSizeHW.0, cached.originalSizeHW.1))
-            crops.append((cached.cropTopLeft.0, cached.cropTopLeft.1))
-            targets.append((cached.targetSizeHW.0, cached.targetSizeHW.1))
+            // kohya's size/crop conditioning: BucketManager.get_crop_ltrb of the bucket and the resized image (for a
+            // flipped image the left is the target width − the crop's right), not the centre-trim offsets.
+            let size = entry.placement.sdxlConditioning(flipped: flip)
+            original.append((size.originalHeight, size.originalWidth))
+            crops.append((size.cropTop, size.cropLeft))
+            targets.append((size.targetHeight, size.targetWidth))
         }
         let b = ids.count
         let x0 = stackBatch(latents), eps = stackBatch(noise), xt = stackBatch(noisy)
         // Captions of different lengths (kohya max_token_length chunks) are the same length here: one max_token_length.
-        let context = stackBatch(contexts), pooledBatch = stackBatch(pooled)
-        let y = Conditioning.y(Tape(recording: false), pooled: Var(pooledBatch), originalSize: original, cropTopLeft: crops,
-                               targetSize: targets, embedDim: checkpoint.sizeEmbedDim ?? 256).value
+        let embedDim = checkpoint.sizeEmbedDim ?? 256
+        let conditioning: (Tape) -> (context: Var, y: Var) = { [text = text!, checkpointing = config.gradientCheckpointing] t in
+            let (context, pooled) = text.encode(t, captions, checkpointing: checkpointing)
+            return (context, Conditioning.y(t, pooled: pooled, originalSize: original, cropTopLeft: crops,
+                                            targetSize: targets, embedDim: embedDim))
+        }
         network.training = true
         network.dropoutSeed = RunRandom.mix([seed, RunRandom.Stream.dropout.rawValue, UInt64(plan.epoch), UInt64(stepIndex), UInt64(rank)])
         let loss = TrainingStep.run(unet: unet, network: network, latents: x0, noise: eps, noisyLatents: xt, timesteps: timesteps,
-                                    context: context, y: y, sampleWeights: weights, schedule: noiseSchedule, loss: lossOptions,
+                                    conditioning: conditioning, sampleWeights: weights, schedule: noiseSchedule, loss: lossOptions,
                                     checkpointing: config.gradientCheckpointing, gradients: &gradients)
         guard loss.loss.isFinite else { return (Double.nan, b) }
         return (Double(loss.loss) * Double(b), b)
@@ -310,21 +332,23 @@ extension CaptionOptions {
     }
 }
 
-/// The UNet + LoRA step on one batch: forward, kohya's loss, backward.
+/// The text encoders + UNet + LoRA step on one batch: conditioning, forward, kohya's loss, backward — one tape.
 public enum TrainingStep {
-    /// latents x0, noise ε, noisy latents x_t [B, 4, h, w]; timesteps B; context [B, T, 2048]; y [B, adm]. The target is
-    /// ε, or v = √ᾱ·ε − √(1−ᾱ)·x0 with `loss.vPrediction`. Adds Σ over samples of each sample's loss gradient (B × the
+    /// latents x0, noise ε, noisy latents x_t [B, 4, h, w]; timesteps B; `conditioning` puts context [B, T, 2048] and
+    /// y [B, adm] on the step's tape (through the text encoders when their LoRA trains). The target is ε, or
+    /// v = √ᾱ·ε − √(1−ᾱ)·x0 with `loss.vPrediction`. Adds Σ over samples of each sample's loss gradient (B × the
     /// gradient of the batch-mean loss) to `gradients` (the network's flat layout) unless the loss is not finite.
     public static func run(unet: UNet, network: LoRANetwork, latents x0: Tensor, noise: Tensor, noisyLatents: Tensor,
-                           timesteps: [Int], context: Tensor, y: Tensor, sampleWeights: [Float], schedule: NoiseSchedule,
-                           loss options: LossOptions, checkpointing: Bool, gradients: inout [Float])
+                           timesteps: [Int], conditioning: (Tape) -> (context: Var, y: Var), sampleWeights: [Float],
+                           schedule: NoiseSchedule, loss options: LossOptions, checkpointing: Bool, gradients: inout [Float])
         -> (loss: Float, perSample: [Float]) {
         let b = timesteps.count
         let target = options.vPrediction ? schedule.velocity(x0, noise: noise, timesteps: timesteps) : noise
         network.bind(trainable: true)
         let tape = Tape(adapters: network)
+        let (context, y) = conditioning(tape)
         let prediction = unet(tape, x: Var(noisyLatents), timesteps: Var(Tensor(shape: [b], timesteps.map(Float.init))),
-                              context: Var(context), y: Var(y), checkpointing: checkpointing)
+                              context: context, y: y, checkpointing: checkpointing)
         let loss = DiffusionLoss.evaluate(prediction: prediction.value, target: target, timesteps: timesteps,
                                           sampleWeights: sampleWeights, schedule: schedule, options: options)
         guard loss.loss.isFinite else { return (loss.loss, loss.perSample) }
@@ -332,5 +356,15 @@ public enum TrainingStep {
         let grads = tape.backward(from: prediction, seed: Elementwise.scale(loss.gradient, Float(b)))
         network.accumulateGradients(grads, into: &gradients)
         return (loss.loss, loss.perSample)
+    }
+
+    /// The step on given conditioning tensors (frozen text encoders).
+    public static func run(unet: UNet, network: LoRANetwork, latents x0: Tensor, noise: Tensor, noisyLatents: Tensor,
+                           timesteps: [Int], context: Tensor, y: Tensor, sampleWeights: [Float], schedule: NoiseSchedule,
+                           loss options: LossOptions, checkpointing: Bool, gradients: inout [Float])
+        -> (loss: Float, perSample: [Float]) {
+        run(unet: unet, network: network, latents: x0, noise: noise, noisyLatents: noisyLatents, timesteps: timesteps,
+            conditioning: { _ in (Var(context), Var(y)) }, sampleWeights: sampleWeights, schedule: schedule, loss: options,
+            checkpointing: checkpointing, gradients: &gradients)
     }
 }

@@ -199,7 +199,8 @@ extension Trainer {
         lines.append("global batch \(coordinator.globalBatch) = \(config.trainBatchSize) per rank × \(config.gradientAccumulationSteps) accumulation × \(worldSize) ranks; "
             + "\(totalSteps) optimizer steps (\(coordinator.optimizerStepsPerEpoch) per epoch, \(totalEpochs) epochs)")
         lines.append("LoRA: \(network.modules.count) modules, \(network.parameterCount) parameters (rank \(network.spec.linearRank), alpha \(network.spec.linearAlpha)"
-            + (network.spec.convRank.map { ", conv rank \($0)" } ?? "") + "); optimizer \(optimizer.name), lr \(baseLearningRates[0]), schedule \(config.lrScheduler)")
+            + (network.spec.convRank.map { ", conv rank \($0)" } ?? "") + "); optimizer \(optimizer.name), lr "
+            + zip(layout.groupNames, baseLearningRates).map { "\($0) \($1)" }.joined(separator: ", ") + ", schedule \(config.lrScheduler)")
         lines.append("wire format \(config.lora.wireFormat.rawValue); gradient checkpointing \(config.gradientCheckpointing ? "on" : "off"); computing in fp32")
         return lines
     }

@@ -92,25 +92,27 @@ public enum LoRAFile {
 
     // MARK: reading
 
-    /// A kohya-format LoRA file, split into modules. Text-encoder modules (`lora_te1_`, `lora_te2_`, `lora_te_`) are
-    /// kept apart: lora-dist's network is the UNet's.
+    /// A kohya-format LoRA file, split into modules: the UNet's (`lora_unet_`) and SDXL's two text encoders'
+    /// (`lora_te1_`, `lora_te2_`).
     public struct Contents {
         public let path: String
         public let metadata: [String: String]
-        /// kohya module name → (down, up, alpha?) for `lora_unet_*` modules.
-        public let unet: [String: (down: Tensor, up: Tensor, alpha: Float?)]
-        public let textEncoderModules: [String]
+        /// kohya module name → (down, up, alpha?).
+        public let modules: [String: (down: Tensor, up: Tensor, alpha: Float?)]
+        /// The modules of `model`.
+        public func modules(of model: LoRAModel) -> [String] {
+            modules.keys.filter { LoRAModel.of(moduleName: $0) == model }.sorted()
+        }
     }
 
     public static func read(_ path: String) throws -> Contents {
         let file = try SafeTensorsFile(path: path)
         var down: [String: Tensor] = [:], up: [String: Tensor] = [:], alpha: [String: Float] = [:]
-        var te = Set<String>(), unknown: [String] = []
+        var unknown: [String] = []
         for key in file.names {
             let parts = key.split(separator: ".", maxSplits: 1).map(String.init)
             let module = parts[0], rest = parts.count > 1 ? parts[1] : ""
-            if module.hasPrefix("lora_te") { te.insert(module); continue }
-            guard module.hasPrefix(LoRANetwork.unetPrefix) else { unknown.append(key); continue }
+            guard LoRAModel.of(moduleName: module) != nil else { unknown.append(key); continue }
             switch rest {
             case "lora_down.weight": down[module] = try file.tensor(key).fp32()
             case "lora_up.weight": up[module] = try file.tensor(key).fp32()
@@ -121,7 +123,7 @@ public enum LoRAFile {
         if !unknown.isEmpty {
             throw LoRANetworkError("\(path): not a kohya-format LoRA (networks.lora): \(unknown.count) tensors such as "
                 + unknown.prefix(3).map { "'\($0)'" }.joined(separator: ", ")
-                + " are not lora_unet_/lora_te_ lora_down/lora_up/alpha tensors (LyCORIS/LoHa/diffusers-format files are not supported)")
+                + " are not lora_unet_/lora_te1_/lora_te2_ lora_down/lora_up/alpha tensors (SD 1.x/2.x `lora_te_` files, LyCORIS/LoHa and diffusers-format files are not supported)")
         }
         var modules: [String: (down: Tensor, up: Tensor, alpha: Float?)] = [:]
         for (name, d) in down {
@@ -131,36 +133,42 @@ public enum LoRAFile {
         if let orphan = up.keys.first(where: { down[$0] == nil }) {
             throw LoRANetworkError("\(path): module \(orphan) has lora_up but no lora_down.weight")
         }
-        return Contents(path: path, metadata: file.metadata, unet: modules, textEncoderModules: te.sorted())
+        return Contents(path: path, metadata: file.metadata, modules: modules)
     }
 }
 
 extension LoRANetwork {
-    /// The network a LoRA file describes, on `unet` (for evaluation): each module's rank from its shapes, its alpha from
-    /// `.alpha` (the rank when absent, as kohya's create_network_from_weights). Every module in the file must name a
-    /// layer of this UNet with matching shapes; text-encoder modules are listed in `contents.textEncoderModules`.
-    public convenience init(unet: UNet, contents: LoRAFile.Contents, multiplier: Float = 1) throws {
+    /// The network a LoRA file describes, on `unet` and (when given) the text encoders, for evaluation: each module's
+    /// rank from its shapes, its alpha from `.alpha` (the rank when absent, as kohya's create_network_from_weights).
+    /// Every module of an adapted model must name a layer of it with matching shapes; a file's text-encoder modules
+    /// are left out when no text encoders are given (`contents.modules(of:)` lists them).
+    public convenience init(unet: UNet?, textEncoders: (CLIPTextEncoderL, OpenCLIPTextEncoderG)? = nil,
+                            contents: LoRAFile.Contents, multiplier: Float = 1) throws {
         var used = Set<String>()
-        try self.init(unet: unet, spec: LoRASpec()) { layer, name in
-            guard let m = contents.unet[name] else { return nil }
-            used.insert(name)
+        try self.init(targets: Self.targets(unet: unet, textEncoders: textEncoders), spec: LoRASpec()) { target in
+            guard let m = contents.modules[target.name] else { return nil }
+            used.insert(target.name)
             let rank = m.down.shape[0]
             return (rank, m.alpha ?? Float(rank))
         }
-        let unused = Set(contents.unet.keys).subtracting(used).sorted()
+        var adapted: Set<LoRAModel> = unet == nil ? [] : [.unet]
+        if textEncoders != nil { adapted.formUnion([.textEncoder1, .textEncoder2]) }
+        let unused = contents.modules.keys.filter { !used.contains($0) && adapted.contains(LoRAModel.of(moduleName: $0)!) }.sorted()
         if !unused.isEmpty {
-            throw LoRANetworkError("\(contents.path): \(unused.count) LoRA modules name no Linear/Conv2d of this UNet: "
+            throw LoRANetworkError("\(contents.path): \(unused.count) LoRA modules name no adaptable layer of this model: "
                 + unused.prefix(4).joined(separator: ", ") + (unused.count > 4 ? ", …" : "")
-                + " (a LoRA for another model family or UNet layout?)")
+                + " (a LoRA for another model family or layout?)")
         }
-        try load(contents)
+        try load(contents, only: adapted)
         self.multiplier = multiplier
     }
 
     /// Copies the file's values into this network (strict both ways: same modules, shapes, ranks and alphas).
-    public func load(_ contents: LoRAFile.Contents) throws {
+    /// `only`: the models whose modules are compared (nil: all of the file's).
+    public func load(_ contents: LoRAFile.Contents, only: Set<LoRAModel>? = nil) throws {
         let path = contents.path
-        let mine = Set(modules.map(\.name)), theirs = Set(contents.unet.keys)
+        let mine = Set(modules.map(\.name))
+        let theirs = Set(contents.modules.keys.filter { only?.contains(LoRAModel.of(moduleName: $0)!) ?? true })
         let missing = mine.subtracting(theirs).sorted(), extra = theirs.subtracting(mine).sorted()
         if !missing.isEmpty || !extra.isEmpty {
             var parts: [String] = []
@@ -170,7 +178,7 @@ extension LoRANetwork {
                 + ". Use the network_dim/conv_dim the file was trained with.")
         }
         for m in modules {
-            let f = contents.unet[m.name]!
+            let f = contents.modules[m.name]!
             guard f.down.shape == m.downShape, f.up.shape == m.upShape else {
                 throw LoRANetworkError("\(path): \(m.name) has lora_down \(f.down.shape) / lora_up \(f.up.shape); this network expects \(m.downShape) / \(m.upShape) (rank \(m.rank))")
             }

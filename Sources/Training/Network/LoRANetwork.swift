@@ -29,13 +29,44 @@ public struct LoRASpec: Equatable, Sendable {
     }
 }
 
+/// The models a LoRA network adapts, each with kohya's module-name prefix (networks/lora.py: LORA_PREFIX_UNET,
+/// LORA_PREFIX_TEXT_ENCODER1/2 for SDXL's two text encoders) and its learning-rate group.
+public enum LoRAModel: Int, CaseIterable, Sendable, Comparable {
+    case unet, textEncoder1, textEncoder2
+
+    public var prefix: String { ["lora_unet_", "lora_te1_", "lora_te2_"][rawValue] }
+    /// The parameter group's name (metrics, optimizer groups).
+    public var groupName: String { ["unet", "te1", "te2"][rawValue] }
+
+    public static func < (a: LoRAModel, b: LoRAModel) -> Bool { a.rawValue < b.rawValue }
+
+    /// The model a kohya module name belongs to.
+    public static func of(moduleName: String) -> LoRAModel? { allCases.first { moduleName.hasPrefix($0.prefix) } }
+}
+
+/// A layer a LoRA module can attach to, with its kohya name. `part`/`parts`: the module adapts rows
+/// `part` of `parts` equal slices of the layer's output (kohya's q/k/v modules on OpenCLIP's fused in_proj).
+public struct LoRATarget: Sendable {
+    public let model: LoRAModel
+    public let name: String
+    public let layer: AdaptableLayer
+    /// The module's own shape (the layer's, or one slice of it).
+    public let kind: AdaptableLayer.Kind
+    public let part: Int
+    public let parts: Int
+}
+
 /// One LoRA module: `out = org(x) + up(down(x)) · multiplier · alpha / rank` on the layer at `path`.
 public struct LoRAModule: Equatable, Sendable {
-    /// kohya's name: `lora_unet_` + the module path with `.` → `_`.
+    /// kohya's name: the model's prefix + the module path with `.` → `_`.
     public let name: String
+    public let model: LoRAModel
     /// The adapted layer's weight key prefix (`model.diffusion_model.input_blocks.4.1.proj_in`).
     public let path: String
     public let kind: AdaptableLayer.Kind
+    /// Which of `parts` equal output slices of the layer this module adds to (1 part: the whole output).
+    public let part: Int
+    public let parts: Int
     public let rank: Int
     public let alpha: Float
     /// lora_down [r, in] (linear) or [r, in, k, k] (conv, the layer's kernel, stride and padding).
@@ -51,6 +82,7 @@ public struct LoRAModule: Equatable, Sendable {
     public var upName: String { name + ".lora_up.weight" }
     public var alphaName: String { name + ".alpha" }
     public var fanIn: Int { downShape.dropFirst().reduce(1, *) }
+    public var parameterCount: Int { upOffset - downOffset + upShape.reduce(1, *) }
 }
 
 public struct LoRANetworkError: Error, CustomStringConvertible {
@@ -58,23 +90,26 @@ public struct LoRANetworkError: Error, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// kohya's `LoRANetwork` for the SDXL UNet, generated from the model's module tree (`UNet.adaptableLayers`).
+/// kohya's `LoRANetwork` for SDXL, generated from the models' recorded layers (`adaptableLayers`).
 ///
-/// Targets (kohya networks/lora.py `create_modules`): every Linear inside a SpatialTransformer
+/// Targets (kohya networks/lora.py `create_modules`): UNet — every Linear inside a SpatialTransformer
 /// (Transformer2DModel); with a conv rank, every Conv2d and Linear inside ResBlocks, Downsample and Upsample —
-/// 3×3 convs at the conv rank, 1×1 convs and Linears (skip_connection, emb_layers.1) at the linear rank.
+/// 3×3 convs at the conv rank, 1×1 convs and Linears (skip_connection, emb_layers.1) at the linear rank. Text
+/// encoders — every Linear of CLIPAttention and CLIPMLP (q/k/v/out_proj, fc1, fc2), named as kohya names them in
+/// transformers' layout (the single-file layout's fused OpenCLIP in_proj is adapted as kohya's three modules).
 ///
 /// All trainable values live in one flat fp32 buffer (`parameters`: each module's down then up, in module
-/// order), which is what the optimizer updates and what is all-reduced. A forward pass runs through `bind()`:
-/// Vars over the current values that the layers find by path (`LayerAdapters`).
+/// order: UNet, then text encoder 1, then 2), which is what the optimizer updates and what is all-reduced. A
+/// forward pass runs through `bind()`: Vars over the current values that the layers find by path (`LayerAdapters`).
 public final class LoRANetwork: LayerAdapters {
-    public static let unetPrefix = "lora_unet_"
+    public static let unetPrefix = LoRAModel.unet.prefix
     /// The UNet's weight key prefix, stripped from layer paths to form kohya names.
     public static let unetKeyPrefix = SDXLCheckpoint.unetPrefix + "."
 
     public let spec: LoRASpec
     public let modules: [LoRAModule]
-    private let indexByPath: [String: Int]
+    /// Layer path → its modules, ordered by part.
+    private let modulesByPath: [String: [Int]]
     /// The trainable values, flat: [down₀, up₀, down₁, up₁, …].
     public var parameters: [Float]
     /// kohya's multiplier (1 while training; `eval --lora` can scale a LoRA).
@@ -91,15 +126,21 @@ public final class LoRANetwork: LayerAdapters {
     private var upVars: [Var] = []
 
     public var parameterCount: Int { parameters.count }
+    /// The models this network has modules for.
+    public var models: [LoRAModel] { Array(Set(modules.map(\.model))).sorted() }
 
-    /// Builds the network for `unet`, lora_down kaiming-uniform(a=√5) from `seed`, lora_up zero (kohya).
-    public convenience init(unet: UNet, spec: LoRASpec, seed: UInt64) throws {
+    /// Builds kohya's network for `unet` (nil: text encoders only) and, when given, the text encoders; lora_down
+    /// kaiming-uniform(a=√5) from `seed`, lora_up zero (kohya).
+    public convenience init(unet: UNet?, textEncoders: (CLIPTextEncoderL, OpenCLIPTextEncoderG)? = nil, spec: LoRASpec,
+                            seed: UInt64) throws {
         guard spec.linearRank > 0 else { throw LoRANetworkError("network_dim \(spec.linearRank): the LoRA rank must be at least 1") }
         if let c = spec.convRank, c < 0 { throw LoRANetworkError("conv_dim \(c): must be at least 1 (or leave it out)") }
         for (name, p) in [("network_dropout", spec.dropout), ("rank_dropout", spec.rankDropout), ("module_dropout", spec.moduleDropout)] {
             if let p, !(0..<1).contains(p) { throw LoRANetworkError("\(name) \(p): a probability in [0, 1) is expected") }
         }
-        self.init(unet: unet, spec: spec) { layer, _ in
+        try self.init(targets: Self.targets(unet: unet, textEncoders: textEncoders), spec: spec) { target in
+            let layer = target.layer
+            guard target.model == .unet else { return (spec.linearRank, spec.linearAlpha) }
             switch (layer.container, layer.kind) {
             case (.transformer, .linear):
                 return (spec.linearRank, spec.linearAlpha)
@@ -121,27 +162,74 @@ public final class LoRANetwork: LayerAdapters {
         }
     }
 
-    /// The modules `choose` gives a (rank, alpha) for, in module order, all parameters zero.
-    init(unet: UNet, spec: LoRASpec, choose: (AdaptableLayer, String) throws -> (rank: Int, alpha: Float)?) rethrows {
+    /// The modules `choose` gives a (rank, alpha) for, in target order, all parameters zero.
+    init(targets: [LoRATarget], spec: LoRASpec, choose: (LoRATarget) throws -> (rank: Int, alpha: Float)?) rethrows {
         self.spec = spec
         var modules: [LoRAModule] = []
         var offset = 0
-        for layer in unet.adaptableLayers where layer.path.hasPrefix(Self.unetKeyPrefix) {
-            let name = Self.kohyaName(path: layer.path)
-            guard let (rank, alpha) = try choose(layer, name) else { continue }
+        for target in targets {
+            guard let (rank, alpha) = try choose(target) else { continue }
             let downShape: [Int], upShape: [Int]
-            switch layer.kind {
+            switch target.kind {
             case .linear(let i, let o): (downShape, upShape) = ([rank, i], [o, rank])
             case .conv(let i, let o, let k, _, _): (downShape, upShape) = ([rank, i, k, k], [o, rank, 1, 1])
             }
             let down = downShape.reduce(1, *)
-            modules.append(LoRAModule(name: name, path: layer.path, kind: layer.kind, rank: rank, alpha: alpha,
+            modules.append(LoRAModule(name: target.name, model: target.model, path: target.layer.path, kind: target.kind,
+                                      part: target.part, parts: target.parts, rank: rank, alpha: alpha,
                                       downShape: downShape, upShape: upShape, downOffset: offset, upOffset: offset + down))
             offset += down + upShape.reduce(1, *)
         }
         self.modules = modules
-        indexByPath = Dictionary(uniqueKeysWithValues: modules.enumerated().map { ($1.path, $0) })
+        var byPath: [String: [Int]] = [:]
+        for (i, m) in modules.enumerated() { byPath[m.path, default: []].append(i) }
+        modulesByPath = byPath.mapValues { $0.sorted { modules[$0].part < modules[$1].part } }
         parameters = [Float](repeating: 0, count: offset)
+    }
+
+    // MARK: targets
+
+    /// Every layer kohya could attach a module to, in module order: the UNet's (kohya picks among them by container),
+    /// then each text encoder's CLIPAttention/CLIPMLP Linears.
+    public static func targets(unet: UNet?, textEncoders: (CLIPTextEncoderL, OpenCLIPTextEncoderG)?) throws -> [LoRATarget] {
+        var out: [LoRATarget] = []
+        for layer in unet?.adaptableLayers ?? [] where layer.path.hasPrefix(unetKeyPrefix) {
+            out.append(LoRATarget(model: .unet, name: kohyaName(path: layer.path), layer: layer, kind: layer.kind, part: 0, parts: 1))
+        }
+        if let (l, g) = textEncoders {
+            out += try textEncoderTargets(.textEncoder1, layers: l.adaptableLayers, blocks: l.config.layers, component: .textEncoder)
+            out += try textEncoderTargets(.textEncoder2, layers: g.adaptableLayers, blocks: g.config.layers, component: .textEncoder2)
+        }
+        return out
+    }
+
+    /// kohya's text-encoder modules are named in transformers' CLIPTextModel tree (`text_model.encoder.layers.N.
+    /// self_attn.q_proj` → `lora_te1_text_model_encoder_layers_N_self_attn_q_proj`). Each name is mapped into the
+    /// single-file key space by the diffusers conversion table (OpenCLIP's q/k/v rows of `in_proj_weight` for bigG),
+    /// and must land on a recorded attention/MLP layer; every such layer must be named.
+    static func textEncoderTargets(_ model: LoRAModel, layers: [AdaptableLayer], blocks: Int,
+                                   component: DiffusersComponent) throws -> [LoRATarget] {
+        let byWeight = Dictionary(layers.map { ($0.weightKey, $0) }, uniquingKeysWith: { a, _ in a })
+        let shape = DiffusersLayout.Shape(unetResBlocks: 0, unetUpLevelsWithAttention: [], vaeLevels: 0)
+        var out: [LoRATarget] = []
+        var named = Set<String>()
+        for i in 0..<blocks {
+            for child in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"] {
+                let module = "text_model.encoder.layers.\(i).\(child)"
+                guard let (key, transform) = DiffusersLayout.canonicalKey(for: module + ".weight", in: component, shape: shape),
+                      let layer = byWeight[key], case .linear(let inF, let outF) = layer.kind else {
+                    throw LoRANetworkError("\(model.prefix)\(module): no layer of the text encoder takes this module's weight (a text encoder of another layout?)")
+                }
+                var part = 0, parts = 1
+                if case .concatRows(let p, let n) = transform { (part, parts) = (p, n) }
+                named.insert(layer.path)
+                out.append(LoRATarget(model: model, name: model.prefix + module.replacingOccurrences(of: ".", with: "_"),
+                                      layer: layer, kind: .linear(inFeatures: inF, outFeatures: outF / parts), part: part, parts: parts))
+            }
+        }
+        let unnamed = layers.filter { ($0.container == .attention || $0.container == .mlp) && !named.contains($0.path) }
+        precondition(unnamed.isEmpty, "text encoder layers without a kohya module name: \(unnamed.map(\.path))")
+        return out
     }
 
     /// kohya's module name for a UNet layer path: `lora_unet_` + the path below `model.diffusion_model.`, `.` → `_`.
@@ -184,19 +272,36 @@ public final class LoRANetwork: LayerAdapters {
     /// Linear modules without dropout run fused with their layer (`Tape.lowRankLinear`): the same values as
     /// `adapt`'s org(x) + up(down(x))·scale, without materialising the branch.
     public func linear(_ t: Tape, path: String, input x: Var, weight: Var, bias: Var?) -> Var? {
-        guard fused, let i = indexByPath[path], case .linear = modules[i].kind else { return nil }
+        guard fused, let index = modulesByPath[path], index.count == 1, modules[index[0]].parts == 1,
+              case .linear = modules[index[0]].kind else { return nil }
         if training && ((spec.dropout ?? 0) > 0 || (spec.rankDropout ?? 0) > 0 || (spec.moduleDropout ?? 0) > 0) { return nil }
         if downVars.isEmpty { bind(trainable: false) }
+        let i = index[0]
         return t.lowRankLinear(x, weight, bias, down: downVars[i], up: upVars[i], scale: modules[i].scale * multiplier)
     }
 
     public func adapt(_ t: Tape, path: String, input x: Var, output: Var) -> Var {
-        guard let i = indexByPath[path] else { return output }
+        guard let index = modulesByPath[path] else { return output }
         // Evaluation without an explicit bind(): frozen Vars over the current values.
         if downVars.isEmpty { bind(trainable: false) }
+        let first = modules[index[0]]
+        if first.parts == 1 { return branch(t, index[0], x).map { t.add(output, $0) } ?? output }
+        // A fused layer (OpenCLIP in_proj = q ⊕ k ⊕ v on the last axis): each module adds to its slice; a slice
+        // without a module (or dropped this step) adds zeros.
+        let width = output.shape[output.rank - 1] / first.parts
+        var sliceShape = output.shape
+        sliceShape[sliceShape.count - 1] = width
+        let pieces = (0..<first.parts).map { part -> Var in
+            index.first { modules[$0].part == part }.flatMap { branch(t, $0, x) } ?? Var(Tensor(zeros: sliceShape))
+        }
+        return t.add(output, t.concat(pieces, axis: output.rank - 1))
+    }
+
+    /// Module i's branch up(down(x))·scale (kohya LoRAModule.forward without org), nil when module dropout skips it.
+    private func branch(_ t: Tape, _ i: Int, _ x: Var) -> Var? {
         let m = modules[i]
         var rng = SeededRandom(seed: dropoutSeed ^ RunRandom.fnv1a(m.name))
-        if training, let p = spec.moduleDropout, p > 0, Float(rng.uniform()) < p { return output }
+        if training, let p = spec.moduleDropout, p > 0, Float(rng.uniform()) < p { return nil }
         var scale = m.scale * multiplier
         var lx: Var
         switch m.kind {
@@ -228,6 +333,6 @@ public final class LoRANetwork: LayerAdapters {
         case .linear: up = t.linear(lx, upVars[i])
         case .conv: up = t.conv2d(lx, upVars[i])
         }
-        return t.add(output, t.scale(up, scale))
+        return t.scale(up, scale)
     }
 }
