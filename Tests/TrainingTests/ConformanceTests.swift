@@ -25,7 +25,7 @@ final class ConformanceTests: XCTestCase {
             let alpha = try SafeTensorsFile(path: file.path).tensor(module + ".alpha").scalars[0]
             modules[module] = (try file.tensor(name).fp32(), try file.tensor(prefix + module + ".lora_up.weight").fp32(), alpha)
         }
-        let contents = LoRAFile.Contents(path: file.path, metadata: file.metadata, unet: modules, textEncoderModules: [])
+        let contents = LoRAFile.Contents(path: file.path, metadata: file.metadata, modules: modules)
         return try LoRANetwork(unet: unet, contents: contents)
     }
 

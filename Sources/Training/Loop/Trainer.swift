@@ -162,14 +162,8 @@ public final class Trainer {
         // kohya's parameter groups (prepare_optimizer_params_with_multiple_te_lrs): text encoder 1 and 2 at
         // text_encoder_lr (one value for both, or [te1, te2]; learning_rate when unset), the UNet at unet_lr
         // (else learning_rate).
-        let models = network.models
-        let entries = network.modules.flatMap { m in
-            [(m.downName, m.downShape, m.downOffset), (m.upName, m.upShape, m.upOffset)].map {
-                ParameterLayout.Entry(name: $0.0, shape: $0.1, offset: $0.2, group: models.firstIndex(of: m.model)!)
-            }
-        }
-        layout = ParameterLayout(entries: entries, groupNames: models.map(\.groupName))
-        baseLearningRates = models.map { model in
+        layout = network.parameterLayout
+        baseLearningRates = network.models.map { model in
             switch model {
             case .unet: return config.unetLR ?? config.learningRate
             case .textEncoder1: return config.textEncoderLR?.first ?? config.learningRate

@@ -245,6 +245,18 @@ public final class LoRANetwork: LayerAdapters {
         modules.flatMap { [($0.downName, $0.downShape, $0.downOffset), ($0.upName, $0.upShape, $0.upOffset)] }
     }
 
+    /// The flat buffer as the optimizer sees it: one parameter group per adapted model, in `models` order (kohya's
+    /// groups: the UNet at unet_lr, each text encoder at its text_encoder_lr).
+    public var parameterLayout: ParameterLayout {
+        let models = self.models
+        let entries = modules.flatMap { m in
+            [(m.downName, m.downShape, m.downOffset), (m.upName, m.upShape, m.upOffset)].map {
+                ParameterLayout.Entry(name: $0.0, shape: $0.1, offset: $0.2, group: models.firstIndex(of: m.model)!)
+            }
+        }
+        return ParameterLayout(entries: entries, groupNames: models.map(\.groupName))
+    }
+
     /// Makes fresh Vars over the current parameters for the next forward pass; `trainable` Vars record gradients.
     public func bind(trainable: Bool) {
         func make(_ offset: Int, _ shape: [Int]) -> Var {
