@@ -51,23 +51,25 @@ let package = Package(
         .systemLibrary(name: "CVips", path: "Sources/CVips", pkgConfig: "vips", providers: [.apt(["libvips-dev"])]),
         .target(name: "CZstd", path: "Sources/CZstd", linkerSettings: [.linkedLibrary("zstd")]),
 
-        .target(name: "Tensor", dependencies: ["CBLAS"], path: "Sources/Tensor", swiftSettings: kernelFlags),
+        // The hash (FNV-1a) and generator (SplitMix64) everything shares.
+        .target(name: "Base", path: "Sources/Base"),
+        .target(name: "Tensor", dependencies: ["Base", "CBLAS"], path: "Sources/Tensor", swiftSettings: kernelFlags),
         .target(name: "SafeTensors", dependencies: ["Tensor"], path: "Sources/SafeTensors"),
         .target(
-            name: "SDXL", dependencies: ["Tensor", "SafeTensors"], path: "Sources/SDXL",
+            name: "SDXL", dependencies: ["Base", "Tensor", "SafeTensors"], path: "Sources/SDXL",
             resources: [.copy("Resources/clip_bpe_merges.txt"), .copy("Resources/LICENSE-open_clip.txt")],
             swiftSettings: kernelFlags),
         .target(
             name: "Distributed",
-            dependencies: ["CMPI", "CZstd", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["Base", "CMPI", "CZstd", .product(name: "Logging", package: "swift-log")],
             path: "Sources/Distributed"),
         .target(
-            name: "Dataset", dependencies: ["CVips", "SafeTensors", "Tensor", .product(name: "TOMLKit", package: "TOMLKit")], path: "Sources/Dataset"),
+            name: "Dataset", dependencies: ["Base", "CVips", "SafeTensors", "Tensor", .product(name: "TOMLKit", package: "TOMLKit")], path: "Sources/Dataset"),
         // config → dataset/caches → UNet+LoRA step → all-reduce → optimizer → checkpoint, tied together.
         .target(
             name: "Training",
             dependencies: [
-                "Tensor", "SafeTensors", "SDXL", "Distributed", "Dataset",
+                "Base", "Tensor", "SafeTensors", "SDXL", "Distributed", "Dataset",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -90,18 +92,18 @@ let package = Package(
 
         .executableTarget(name: "DataBench", dependencies: ["Dataset", "SDXL", "Tensor", "SafeTensors"], path: "bench/DataBench", swiftSettings: kernelFlags),
         .executableTarget(name: "TrainBench", dependencies: ["Training", "SDXL", "Tensor", "SafeTensors", "Distributed"], path: "bench/TrainBench", swiftSettings: kernelFlags),
-        .executableTarget(name: "MPIHarness", dependencies: ["Distributed"], path: "Tests/MPIHarness"),
+        .executableTarget(name: "MPIHarness", dependencies: ["Base", "Distributed"], path: "Tests/MPIHarness"),
 
         // Spawning the package's executables and mpirun from tests (shared by the test targets that need it).
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(
-            name: "TensorTests", dependencies: ["Tensor", "SafeTensors"], path: "Tests/TensorTests"),
+            name: "TensorTests", dependencies: ["Base", "Tensor", "SafeTensors"], path: "Tests/TensorTests"),
         .testTarget(name: "SDXLTests", dependencies: ["SDXL", "Tensor", "SafeTensors", "TestSupport"], path: "Tests/SDXLTests"),
-        .testTarget(name: "DatasetTests", dependencies: ["Dataset", "SafeTensors", "Tensor"], path: "Tests/DatasetTests"),
+        .testTarget(name: "DatasetTests", dependencies: ["Base", "Dataset", "SafeTensors", "Tensor"], path: "Tests/DatasetTests"),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors"], path: "Tests/SafeTensorsTests"),
         .testTarget(name: "DistributedTests", dependencies: ["Distributed", "TestSupport"], path: "Tests/DistributedTests"),
         .testTarget(
-            name: "TrainingTests", dependencies: ["Training", "SDXL", "Dataset", "Distributed", "Tensor", "SafeTensors", "TestSupport"],
+            name: "TrainingTests", dependencies: ["Base", "Training", "SDXL", "Dataset", "Distributed", "Tensor", "SafeTensors", "TestSupport"],
             path: "Tests/TrainingTests"),
     ],
     swiftLanguageModes: [.v5]

@@ -1,3 +1,4 @@
+import Base
 import Foundation
 
 /// Per-subset caption settings: kohya's subset keys (caption_prefix, caption_suffix, shuffle_caption,
@@ -82,48 +83,19 @@ extension CaptionRandomSource {
     mutating func choice<T>(_ a: [T]) -> T { a[below(a.count)] }
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014). Python's global `random` stream cannot be reproduced, so each
-/// (seed, epoch, image) gets its own small generator: the same triple always gives the same caption, on
-/// every rank, whatever order the images are visited in.
-public struct SplitMix64: CaptionRandomSource, Sendable {
-    public var state: UInt64
-    public init(state: UInt64) { self.state = state }
-
+/// Python's global `random` stream cannot be reproduced, so each (seed, epoch, image) gets its own SplitMix64:
+/// the same triple always gives the same caption, on every rank, whatever order the images are visited in.
+extension SplitMix64: CaptionRandomSource {
     /// Keyed by (seed, epoch, image id): each part goes through the SplitMix64 finaliser in turn, the id as
     /// its FNV-1a 64 hash of the UTF-8 bytes.
     public init(seed: UInt64, epoch: Int, imageID: String) {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in imageID.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
         var s = SplitMix64.mix(seed &+ 0x9E37_79B9_7F4A_7C15)
         s = SplitMix64.mix(s ^ UInt64(bitPattern: Int64(epoch)))
-        s = SplitMix64.mix(s ^ h)
-        self.state = s
+        s = SplitMix64.mix(s ^ FNV1a64.hash(imageID))
+        self.init(seed: s)
     }
 
-    static func mix(_ x: UInt64) -> UInt64 {
-        var z = x
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        return SplitMix64.mix(state)
-    }
-
-    public mutating func random() -> Double { Double(next() >> 11) * 0x1.0p-53 }
-
-    public mutating func below(_ n: Int) -> Int {
-        precondition(n > 0, "below(0)")
-        let bound = UInt64(n)
-        // Rejection keeps it unbiased, as CPython's _randbelow does.
-        let limit = UInt64.max - (UInt64.max % bound)
-        while true {
-            let v = next()
-            if v < limit { return Int(v % bound) }
-        }
-    }
+    public mutating func random() -> Double { uniform() }
 }
 
 /// A caption file that cannot be used, as the shared `DatasetIssue` (file + reason). `DatasetIssue` is not an

@@ -1,3 +1,4 @@
+import Base
 import Foundation
 import SafeTensors
 import Tensor
@@ -285,14 +286,4 @@ public final class LatentCache: @unchecked Sendable {
     }
 }
 
-/// 64-bit FNV-1a (Fowler–Noll–Vo): offset basis 0xcbf29ce484222325, prime 0x100000001b3.
-struct FNV1a64 {
-    private(set) var value: UInt64 = 0xcbf2_9ce4_8422_2325
-    mutating func add(_ bytes: UnsafeRawBufferPointer) {
-        var v = value
-        for b in bytes { v = (v ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
-        value = v
-    }
-    mutating func add(_ bytes: [UInt8]) { bytes.withUnsafeBytes { add($0) } }
-    var hex: String { String(format: "%016llx", value) }
-}
+

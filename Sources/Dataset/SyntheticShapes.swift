@@ -1,3 +1,4 @@
+import Base
 import Foundation
 
 /// `builtin:shapes`: a small procedurally drawn dataset for the embedded demo, so a first run needs no
@@ -49,22 +50,22 @@ public enum SyntheticShapes {
     public static func render(index: Int, seed: UInt64 = 0, scale: Double = 1.0) -> Drawing {
         precondition(index >= 0 && scale > 0, "SyntheticShapes.render: index \(index), scale \(scale)")
         // Each image has its own stream, so image i does not depend on how many came before it.
-        var rng = ShapesRNG(seed: seed ^ (UInt64(index) &* 0xD1B5_4A32_D192_ED03))
+        var rng = SplitMix64(seed: seed ^ (UInt64(index) &* 0xD1B5_4A32_D192_ED03))
         let (w, h) = size(index: index, scale: scale)
-        let shape = Shape.allCases[rng.below(Shape.allCases.count)]
-        let bgIndex = rng.below(colours.count)
-        var fgIndex = rng.below(colours.count - 1)
+        let shape = Shape.allCases[rng.moduloBelow(Shape.allCases.count)]
+        let bgIndex = rng.moduloBelow(colours.count)
+        var fgIndex = rng.moduloBelow(colours.count - 1)
         if fgIndex >= bgIndex { fgIndex += 1 }
         let bg = colours[bgIndex], fg = colours[fgIndex]
 
         let minSide = Double(min(w, h))
-        let radius = minSide * (0.2 + 0.15 * rng.unit())
+        let radius = minSide * (0.2 + 0.15 * rng.uniform())
         // Keep the whole shape at least 4 px (and 5% of the short side) away from the border, so the corners
         // are always pure background.
         let margin = max(4.0, minSide * 0.05)
         let maxDX = max(0, Double(w) / 2 - radius - margin), maxDY = max(0, Double(h) / 2 - radius - margin)
-        let cx = Double(w) / 2 + (rng.unit() * 2 - 1) * maxDX
-        let cy = Double(h) / 2 + (rng.unit() * 2 - 1) * maxDY
+        let cx = Double(w) / 2 + (rng.uniform() * 2 - 1) * maxDX
+        let cy = Double(h) / 2 + (rng.uniform() * 2 - 1) * maxDY
         let inside = insideTest(shape, radius: radius)
 
         var rgb = [UInt8](repeating: 0, count: w * h * 3)
@@ -168,20 +169,8 @@ public enum SyntheticShapes {
     }
 }
 
-/// SplitMix64 (Steele, Lea & Flood 2014): tiny, fast, and fixed, so the dataset does not change with the
-/// standard library's generator.
-private struct ShapesRNG {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1) from the top 53 bits.
-    mutating func unit() -> Double { Double(next() >> 11) / Double(1 << 53) }
-    /// Uniform in 0..<n (modulo bias is negligible for the tiny n used here).
-    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
+extension SplitMix64 {
+    /// Uniform-ish in 0..<n by a plain modulo (bias negligible for the tiny n used here); the drawn dataset was made
+    /// with it, so it stays.
+    fileprivate mutating func moduloBelow(_ n: Int) -> Int { Int(next() % UInt64(n)) }
 }

@@ -59,7 +59,7 @@ public final class GradientAllReduce {
         public let description: String
     }
 
-    public let communicator: MPICommunicator
+    public let communicator: any Communicator
     public let count: Int
     public let format: WireFormat
     public let zstdLevel: Int32
@@ -72,7 +72,7 @@ public final class GradientAllReduce {
     /// Collective: every rank must construct it with the same `count` (checked here, one Int64 all-reduce).
     /// `pieceElements`: floats per point-to-point message in the ring (default 1 Mi = 4 MB raw).
     /// `errorFeedback: false` exists for tests and the benchmark (showing why it is on).
-    public init(communicator: MPICommunicator, count: Int, format: WireFormat, zstdLevel: Int32 = 1,
+    public init(communicator: any Communicator, count: Int, format: WireFormat, zstdLevel: Int32 = 1,
                 algorithm: Algorithm = .auto, pieceElements: Int = 1 << 20, errorFeedback: Bool = true) throws {
         guard count >= 0 else { throw Failure(description: "gradient all-reduce: count \(count) is negative") }
         guard pieceElements > 0 else {
@@ -212,7 +212,7 @@ public final class GradientAllReduce {
         func exchange(tag: Int, send: [Range<Int>], encode: (Int, Range<Int>) throws -> [UInt8],
                       receive: [Range<Int>], consume: (Int, Range<Int>, [UInt8]) throws -> Void) throws {
             let recvs = try receive.map { try communicator.ireceive(capacity: 9 + 4 * $0.count, from: left, tag: tag) }
-            var sends: [MPICommunicator.PendingSend] = []
+            var sends: [any PendingSendRequest] = []
             for (j, p) in send.enumerated() {
                 let f = try encode(j, p)
                 stats.bytesSent += f.count

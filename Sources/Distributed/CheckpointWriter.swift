@@ -1,3 +1,4 @@
+import Base
 import Foundation
 
 #if canImport(Glibc)
@@ -153,7 +154,7 @@ public enum StateBlobs {
             appendLE(&out, UInt64(bytes.count), bytes: 8)
             out += bytes
         }
-        appendLE(&out, fnv1a(out), bytes: 8)
+        appendLE(&out, FNV1a64.hash(out), bytes: 8)
         return Data(out)
     }
 
@@ -164,7 +165,7 @@ public enum StateBlobs {
         }
         guard b.count >= magic.count + 4 + 8, Array(b[0..<magic.count]) == magic else { throw bad("bad header") }
         let body = b.count - 8
-        guard readLE(b, body, 8) == fnv1a(b[0..<body]) else { throw bad("checksum mismatch: truncated or corrupted") }
+        guard readLE(b, body, 8) == FNV1a64.hash(b[0..<body]) else { throw bad("checksum mismatch: truncated or corrupted") }
         var at = magic.count
         let count = Int(readLE(b, at, 4)); at += 4
         var out: [String: [UInt8]] = [:]
@@ -192,10 +193,5 @@ public enum StateBlobs {
         var v: UInt64 = 0
         for i in 0..<bytes { v |= UInt64(b[at + i]) << (8 * UInt64(i)) }
         return v
-    }
-    static func fnv1a<C: Collection>(_ bytes: C) -> UInt64 where C.Element == UInt8 {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for x in bytes { h = (h ^ UInt64(x)) &* 0x0000_0100_0000_01b3 }
-        return h
     }
 }

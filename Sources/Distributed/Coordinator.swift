@@ -1,3 +1,4 @@
+import Base
 import Foundation
 
 // The coordinator: which rank trains on which images in which step, and which rank caches which latents.
@@ -441,44 +442,3 @@ extension Bucket {
     fileprivate var key: UInt64 { UInt64(truncatingIfNeeded: width) << 32 | UInt64(truncatingIfNeeded: height) }
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014): a 64-bit state, one add and a mix per number. Enough for shuffling, and
-/// the same sequence on every platform, which is what the plan needs.
-struct SplitMix64 {
-    private var state: UInt64
-
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    /// A generator for one stream, keyed by several words (seed, epoch, bucket…): each word is mixed in turn.
-    static func derive(_ parts: UInt64...) -> SplitMix64 {
-        var g = SplitMix64(seed: 0x6c6f_7261_2d64_6973)  // "lora-dis"
-        for p in parts { g = SplitMix64(seed: g.next() ^ p) }
-        return g
-    }
-
-    /// Uniform in 0..<n without modulo bias (rejection of the short top range).
-    mutating func next(below n: Int) -> Int {
-        precondition(n > 0)
-        let bound = UInt64(n)
-        let limit = UInt64.max - UInt64.max % bound
-        while true {
-            let x = next()
-            if x < limit { return Int(x % bound) }
-        }
-    }
-
-    /// Fisher–Yates.
-    mutating func shuffle<T>(_ a: inout [T]) {
-        guard a.count > 1 else { return }
-        for i in stride(from: a.count - 1, to: 0, by: -1) {
-            a.swapAt(i, next(below: i + 1))
-        }
-    }
-}

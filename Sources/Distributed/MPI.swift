@@ -2,7 +2,7 @@ import CMPI
 import Foundation
 
 /// Open MPI, behind one file: the only one that imports CMPI. Errors name the MPI call.
-public final class MPICommunicator {
+public final class MPICommunicator: Communicator {
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
     }
@@ -35,21 +35,30 @@ public final class MPICommunicator {
         rank = Int(r); size = Int(s)
     }
 
-    /// Element-wise sum over ranks, in place (plain MPI_Allreduce: the `none` wire format's baseline).
+    /// Element-wise sum over ranks, in place (plain MPI_Allreduce: the `none` wire format's baseline). Buffers past
+    /// MPI's 2^31−1 count go in chunks.
     public func allReduceSum(_ buffer: inout [Float]) throws {
-        let n = Int32(buffer.count)
         try buffer.withUnsafeMutableBufferPointer { p in
-            try Self.check(MPI_Allreduce(lora_mpi_in_place(), p.baseAddress, n, lora_mpi_float(), lora_mpi_sum(), comm),
-                           "MPI_Allreduce")
+            for (start, n) in Self.chunks(p.count) {
+                try Self.check(MPI_Allreduce(lora_mpi_in_place(), p.baseAddress! + start, n, lora_mpi_float(), lora_mpi_sum(), comm),
+                               "MPI_Allreduce")
+            }
         }
     }
 
-    /// Rank `root`'s bytes to every rank (same count everywhere).
+    /// Rank `root`'s bytes to every rank (same count everywhere), in chunks of at most 2^30 bytes.
     public func broadcast(_ buffer: inout [UInt8], root: Int) throws {
-        let n = Int32(buffer.count)
         try buffer.withUnsafeMutableBufferPointer { p in
-            try Self.check(MPI_Bcast(p.baseAddress, n, lora_mpi_byte(), Int32(root), comm), "MPI_Bcast")
+            for (start, n) in Self.chunks(p.count) {
+                try Self.check(MPI_Bcast(p.baseAddress! + start, n, lora_mpi_byte(), Int32(root), comm), "MPI_Bcast")
+            }
         }
+    }
+
+    /// (offset, count) pieces of at most 2^30 elements: every MPI count fits its Int32.
+    static func chunks(_ total: Int) -> [(Int, Int32)] {
+        let most = 1 << 30
+        return stride(from: 0, to: total, by: most).map { ($0, Int32(min(most, total - $0))) }
     }
 
     public func barrier() throws { try Self.check(MPI_Barrier(comm), "MPI_Barrier") }
@@ -75,12 +84,10 @@ public final class MPICommunicator {
 // (Isend) or writes (Irecv) the buffer after the call returns, which a Swift array's scoped pointer does not
 // allow. Every pointer stays in this file; callers see byte arrays.
 extension MPICommunicator {
-    public enum IntegerOp { case sum, max }
-
     /// Element-wise sum or max of Int64 values over ranks; every rank passes the same count.
-    public func allReduce(_ values: [Int64], op: IntegerOp) throws -> [Int64] {
+    public func allReduce(_ values: [Int64], op: ReductionOp) throws -> [Int64] {
         var buffer = values
-        let n = Int32(values.count)
+        let n = try Self.mpiCount(values.count, "MPI_Allreduce(Int64)")
         let mpiOp = op == .sum ? lora_mpi_sum() : lora_mpi_max()
         try buffer.withUnsafeMutableBufferPointer { p in
             try Self.check(MPI_Allreduce(lora_mpi_in_place(), p.baseAddress, n, lora_mpi_int64(), mpiOp, comm),
@@ -119,7 +126,7 @@ extension MPICommunicator {
     }
 
     /// An MPI_Isend in flight. Owns a copy of the message until `wait()` (or deinit, which waits).
-    public final class PendingSend {
+    public final class PendingSend: PendingSendRequest {
         private var request: MPI_Request?
         private let storage: UnsafeMutableRawBufferPointer
         private var done = false
@@ -151,7 +158,7 @@ extension MPICommunicator {
     }
 
     /// An MPI_Irecv in flight into an owned buffer of `capacity` bytes; `wait()` returns the bytes received.
-    public final class PendingReceive {
+    public final class PendingReceive: PendingReceiveRequest {
         private var request: MPI_Request?
         private let storage: UnsafeMutableRawBufferPointer
         private var done = false
@@ -187,12 +194,12 @@ extension MPICommunicator {
     }
 
     /// Nonblocking send; the message is copied, so `bytes` may change right after.
-    public func isend(_ bytes: [UInt8], to: Int, tag: Int = 0) throws -> PendingSend {
+    public func isend(_ bytes: [UInt8], to: Int, tag: Int = 0) throws -> any PendingSendRequest {
         try PendingSend(bytes: bytes, to: to, tag: tag, comm: comm)
     }
 
     /// Nonblocking receive of at most `capacity` bytes from rank `from`.
-    public func ireceive(capacity: Int, from: Int, tag: Int = 0) throws -> PendingReceive {
+    public func ireceive(capacity: Int, from: Int, tag: Int = 0) throws -> any PendingReceiveRequest {
         try PendingReceive(capacity: capacity, from: from, tag: tag, comm: comm)
     }
 

@@ -1,3 +1,4 @@
+import Base
 import Foundation
 
 /// Keeps the ranks' trainable parameters identical: rank 0's initial LoRA weights and optimizer state go to
@@ -18,11 +19,11 @@ public struct ParameterSync {
         }
     }
 
-    public let communicator: MPICommunicator
+    public let communicator: any Communicator
     /// Check every `every` steps (0: never).
     public let every: Int
 
-    public init(communicator: MPICommunicator, every: Int = 100) {
+    public init(communicator: any Communicator, every: Int = 100) {
         self.communicator = communicator
         self.every = every
     }
@@ -31,7 +32,7 @@ public struct ParameterSync {
     public func broadcastFromRankZero(_ values: inout [Float]) throws {
         let counts = try communicator.allReduce([Int64(values.count), -Int64(values.count)], op: .max)
         guard counts[0] == -counts[1] else {
-            throw MPICommunicator.Failure(description: "broadcast of parameters: ranks hold different counts (\(-counts[1])…\(counts[0]) floats)")
+            throw CommunicatorFailure("broadcast of parameters: ranks hold different counts (\(-counts[1])…\(counts[0]) floats)")
         }
         var bytes = values.withUnsafeBytes { Array($0) }
         try communicator.broadcast(&bytes, root: 0)
@@ -39,14 +40,7 @@ public struct ParameterSync {
     }
 
     /// FNV-1a over the floats' bit patterns: equal iff bit-identical (up to 64-bit collisions).
-    public static func hash(_ values: [Float]) -> UInt64 {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for v in values {
-            var bits = v.bitPattern
-            for _ in 0..<4 { h = (h ^ UInt64(bits & 0xFF)) &* 0x100_0000_01b3; bits >>= 8 }
-        }
-        return h
-    }
+    public static func hash(_ values: [Float]) -> UInt64 { FNV1a64.hash(values) }
 
     /// At steps that are multiples of `every`: throws `Diverged` (on every rank) unless all ranks hold
     /// bit-identical `values`. A collective: every rank must call it at the same steps.

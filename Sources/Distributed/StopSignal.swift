@@ -37,12 +37,11 @@ private func setHandler(_ sig: Int32, _ handler: (@convention(c) (Int32) -> Void
     sigaction(sig, &action, nil)
 }
 
-/// Anything that can sum one float across ranks (MPICommunicator; a fake in tests).
+/// Anything that can sum one float across ranks (every `Communicator`; a fake in tests).
 public protocol FlagReducer {
     func allReduceSum(_ buffer: inout [Float]) throws
 }
 
-extension MPICommunicator: FlagReducer {}
 
 /// Cooperative stop on SIGTERM / SIGUSR1 (Slurm `--signal=USR1@120` before the time limit, preemption, a
 /// user's `kill`). The signal may reach only one rank (Slurm signals every task, but a user kills one pid;

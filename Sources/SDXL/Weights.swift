@@ -1,3 +1,4 @@
+import Base
 import Foundation
 import SafeTensors
 import Tensor
@@ -44,9 +45,7 @@ public struct RandomWeights: WeightSource {
     public var sourceName: String { "random weights (seed \(seed))" }
 
     public func tensor(_ key: String, expectedShape shape: [Int]) throws -> Tensor? {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325   // FNV-1a of the key, mixed with the seed
-        for b in key.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        let s = h ^ (seed &* 0x9E37_79B9_7F4A_7C15)
+        let s = FNV1a64.hash(key) ^ (seed &* 0x9E37_79B9_7F4A_7C15)   // the key's hash mixed with the seed
         let leaf = key.split(separator: ".").last.map(String.init) ?? key
         // Every 1-D `weight` in these models is a norm's scale (GroupNorm/LayerNorm), also where the key does not say
         // "norm" (LDM's ResBlock `in_layers.0`, `out_layers.0` and the UNet's `out.0`): a scale near 0 there would

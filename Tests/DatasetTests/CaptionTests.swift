@@ -1,3 +1,4 @@
+import Base
 import Dataset
 import Foundation
 import XCTest

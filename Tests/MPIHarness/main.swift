@@ -2,37 +2,21 @@
 // `mpirun -np N --oversubscribe MPIHarness <mode>` (Tests/DistributedTests/AllReduceTests.swift, bench/allreduce).
 //   check            every wire format × algorithm × size × sample pattern; exits 1 on the first failed check
 //   bench --floats N --reps R [--level L]   timing rows as JSON lines on rank 0
+import Base
 import Distributed
 import Foundation
 
 // MARK: deterministic data (every rank can regenerate every other rank's gradient for the reference)
 
-struct SplitMix64 {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func uniform() -> Double { Double(next() >> 11) * 0x1.0p-53 }
-    /// Standard normal (Box-Muller).
-    mutating func gaussian() -> Double {
-        let u = max(uniform(), 1e-300), v = uniform()
-        return (-2 * log(u)).squareRoot() * cos(2 * .pi * v)
-    }
-}
-
 /// LoRA-like gradient stand-in: gaussian, with a per-block (4096 floats ≈ one small tensor) standard deviation
 /// drawn log-uniformly from 1e-5...1e-2, so exponents spread the way different layers' gradients do.
 func gradient(rank: Int, step: Int, count: Int, blockSize: Int = 4096) -> [Float] {
-    var rng = SplitMix64(state: UInt64(rank) &* 1_000_003 &+ UInt64(step) &* 7919 &+ 12345)
+    var rng = SplitMix64(seed: UInt64(rank) &* 1_000_003 &+ UInt64(step) &* 7919 &+ 12345)
     var out = [Float](repeating: 0, count: count)
     var sigma = 1e-3
     for i in 0..<count {
         if i % blockSize == 0 { sigma = pow(10, -5 + 3 * rng.uniform()) }
-        out[i] = Float(rng.gaussian() * sigma)
+        out[i] = Float(rng.normal() * sigma)
     }
     return out
 }
@@ -42,14 +26,6 @@ func fail(_ message: String, _ rank: Int) -> Never {
     exit(1)
 }
 
-func fnv1a(_ values: [Float]) -> UInt64 {
-    var h: UInt64 = 0xcbf2_9ce4_8422_2325
-    for v in values {
-        var b = v.bitPattern
-        for _ in 0..<4 { h = (h ^ UInt64(b & 0xFF)) &* 0x100_0000_01b3; b >>= 8 }
-    }
-    return h
-}
 
 func chunkRange(_ c: Int, parts: Int, count: Int) -> Range<Int> { (c * count / parts)..<((c + 1) * count / parts) }
 
@@ -72,7 +48,7 @@ func reference(contributions: [[Float]], total: Int, ring: Bool) -> [Float] {
 func bf16Round(_ x: Float) -> Float { ByteGrouping.float(fromBFloat16: ByteGrouping.bfloat16(x)) }
 
 func checkIdenticalOnAllRanks(_ comm: MPICommunicator, _ result: [Float], _ what: String) throws {
-    var h = fnv1a(result)
+    var h = FNV1a64.hash(result)
     let mine = withUnsafeBytes(of: &h) { Array($0) }
     let all = try comm.allGather(mine)
     if Set(all).count != 1 { fail("\(what): ranks hold different results (hashes differ)", comm.rank) }

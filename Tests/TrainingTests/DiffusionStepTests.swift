@@ -1,3 +1,4 @@
+import Base
 import Foundation
 import SafeTensors
 import Tensor
@@ -136,7 +137,7 @@ final class DiffusionStepTests: XCTestCase {
     func testTimestepBoundsAndNoiseStatistics() throws {
         let schedule = NoiseSchedule()
         let latents = Tensor(zeros: [64, 4, 8, 8])
-        var rng = SeededRandom(seed: 7)
+        var rng = SplitMix64(seed: 7)
         var seen = Set<Int>()
         for _ in 0..<40 {
             let batch = DiffusionNoise.sample(latents: latents, schedule: schedule,
@@ -174,7 +175,7 @@ final class DiffusionStepTests: XCTestCase {
         let options = NoiseOptions(noiseOffset: 0.05, noiseOffsetRandomStrength: true, adaptiveNoiseScale: 0.01,
                                    multiresNoiseIterations: 4, ipNoiseGamma: 0.1, ipNoiseGammaRandomStrength: true)
         func run(_ seed: UInt64) -> NoisedBatch {
-            var rng = SeededRandom(seed: seed)
+            var rng = SplitMix64(seed: seed)
             return DiffusionNoise.sample(latents: latents, schedule: NoiseSchedule(), options: options, rng: &rng)
         }
         let a = run(11), b = run(11), c = run(12)

@@ -1,3 +1,4 @@
+import Base
 import Foundation
 import SafeTensors
 import SDXL
@@ -118,7 +119,7 @@ final class LoRANetworkTests: XCTestCase {
     func testLinearLoRAEqualsMergedWeights() throws {
         let unet = try TrainingFixtures.tinyUNet()
         let net = try LoRANetwork(unet: unet, spec: LoRASpec(linearRank: 3, linearAlpha: 2), seed: 3)
-        var rng = SeededRandom(seed: 11)
+        var rng = SplitMix64(seed: 11)
         for i in net.parameters.indices { net.parameters[i] = Float(rng.normal()) * 0.1 }
         net.bind(trainable: false)
         let adapted = try runTiny(unet, adapters: net)
@@ -156,7 +157,7 @@ final class LoRANetworkTests: XCTestCase {
     func testFusedLinearEqualsSeparateOps() throws {
         let unet = try TrainingFixtures.tinyUNet()
         let net = try LoRANetwork(unet: unet, spec: LoRASpec(linearRank: 4, linearAlpha: 2, convRank: 2), seed: 5)
-        var rng = SeededRandom(seed: 8)
+        var rng = SplitMix64(seed: 8)
         for i in net.parameters.indices { net.parameters[i] = Float(rng.normal()) * 0.1 }
         let io = try TrainingFixtures.unetIO()
         func run(fused: Bool, checkpointing: Bool) throws -> ([Float], [Float]) {
@@ -192,7 +193,7 @@ final class LoRANetworkTests: XCTestCase {
         let unet = try TrainingFixtures.tinyUNet()
         let spec = LoRASpec(linearRank: 4, linearAlpha: 4, convRank: 2, dropout: 0.2, rankDropout: 0.3, moduleDropout: 0.1)
         let net = try LoRANetwork(unet: unet, spec: spec, seed: 5)
-        var rng = SeededRandom(seed: 2)
+        var rng = SplitMix64(seed: 2)
         for i in net.parameters.indices { net.parameters[i] = Float(rng.normal()) * 0.1 }
         net.training = true
         net.dropoutSeed = 99
@@ -254,7 +255,7 @@ final class LoRAFileTests: XCTestCase {
         let unet = try TrainingFixtures.tinyUNet()
         let spec = LoRASpec(linearRank: 4, linearAlpha: 2, convRank: 2, convAlpha: 1)
         let net = try LoRANetwork(unet: unet, spec: spec, seed: 3)
-        var rng = SeededRandom(seed: 4)
+        var rng = SplitMix64(seed: 4)
         for i in net.parameters.indices { net.parameters[i] = Float(rng.normal()) }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lora-file-\(getpid())")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)

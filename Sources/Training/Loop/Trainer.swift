@@ -22,7 +22,7 @@ public enum TrainingOutcome: Equatable {
 /// LoRA files and resumable states (rank 0 writes). Every rank runs the same code on its own share of each step.
 public final class Trainer {
     public let config: TrainingConfig
-    public let communicator: MPICommunicator
+    public let communicator: any Communicator
     public var rank: Int { communicator.rank }
     public var worldSize: Int { communicator.size }
     let log = Logger(label: "train")
@@ -57,7 +57,7 @@ public final class Trainer {
     var startedAt = Date()
     var filesWritten: [String] = []
 
-    public init(config: TrainingConfig, communicator: MPICommunicator, say: @escaping (String) -> Void = { print($0) }) {
+    public init(config: TrainingConfig, communicator: any Communicator, say: @escaping (String) -> Void = { print($0) }) {
         self.config = config
         self.communicator = communicator
         self.say = communicator.rank == 0 ? say : { _ in }

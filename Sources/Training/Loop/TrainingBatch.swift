@@ -1,3 +1,4 @@
+import Base
 import Dataset
 import Distributed
 import Foundation
@@ -20,17 +21,11 @@ public enum RunRandom {
         return h
     }
 
-    public static func fnv1a(_ s: String) -> UInt64 {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
-        return h
-    }
-
     public enum Stream: UInt64 { case noise = 1, flip = 2, latent = 3, dropout = 4, lora = 5 }
 
     /// One sample's generator: (seed, stream, epoch, step, image, occurrence of the image in the step).
-    public static func sample(seed: UInt64, _ stream: Stream, epoch: Int, step: Int, image: String, occurrence: Int) -> SeededRandom {
-        SeededRandom(seed: mix([seed, stream.rawValue, UInt64(epoch), UInt64(step), fnv1a(image), UInt64(occurrence)]))
+    public static func sample(seed: UInt64, _ stream: Stream, epoch: Int, step: Int, image: String, occurrence: Int) -> SplitMix64 {
+        SplitMix64(seed: mix([seed, stream.rawValue, UInt64(epoch), UInt64(step), FNV1a64.hash(image), UInt64(occurrence)]))
     }
 }
 

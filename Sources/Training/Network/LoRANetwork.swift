@@ -1,3 +1,4 @@
+import Base
 import Foundation
 import SDXL
 import Tensor
@@ -155,7 +156,7 @@ public final class LoRANetwork: LayerAdapters {
             }
         }
         // kaiming_uniform_(a=√5): bound = gain·√(3/fan_in) with gain = √(2/(1+5)) → 1/√fan_in.
-        var rng = SeededRandom(seed: seed)
+        var rng = SplitMix64(seed: seed)
         for m in modules {
             let bound = 1 / Float(m.fanIn).squareRoot()
             for i in m.downOffset..<m.upOffset { parameters[i] = (Float(rng.uniform()) * 2 - 1) * bound }
@@ -312,7 +313,7 @@ public final class LoRANetwork: LayerAdapters {
     /// Module i's branch up(down(x))·scale (kohya LoRAModule.forward without org), nil when module dropout skips it.
     private func branch(_ t: Tape, _ i: Int, _ x: Var) -> Var? {
         let m = modules[i]
-        var rng = SeededRandom(seed: dropoutSeed ^ RunRandom.fnv1a(m.name))
+        var rng = SplitMix64(seed: dropoutSeed ^ FNV1a64.hash(m.name))
         if training, let p = spec.moduleDropout, p > 0, Float(rng.uniform()) < p { return nil }
         var scale = m.scale * multiplier
         var lx: Var

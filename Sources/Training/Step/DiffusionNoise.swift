@@ -1,3 +1,4 @@
+import Base
 import Foundation
 import Tensor
 
@@ -95,7 +96,7 @@ public protocol NoiseDrawSource {
     mutating func timesteps(count: Int, in range: Range<Int>) -> [Int]
 }
 
-extension SeededRandom: NoiseDrawSource {
+extension SplitMix64: NoiseDrawSource {
     /// Box–Muller normals, element after element in row-major order.
     public mutating func normal(_ shape: [Int]) -> Tensor {
         let count = shape.reduce(1, *)
@@ -119,7 +120,7 @@ public enum DiffusionNoise {
     /// ip-noise perturbation of the UNet input (the returned noise, the ε target, stays clean).
     /// latents: [B, C, H, W].
     public static func sample(latents: Tensor, schedule: NoiseSchedule, options: NoiseOptions,
-                              rng: inout SeededRandom) -> NoisedBatch {
+                              rng: inout SplitMix64) -> NoisedBatch {
         sample(latents: latents, schedule: schedule, options: options, draws: &rng)
     }
 

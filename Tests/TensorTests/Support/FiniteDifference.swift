@@ -1,3 +1,4 @@
+import Base
 import Tensor
 import XCTest
 
@@ -25,7 +26,7 @@ func checkGradients(_ inputs: [Tensor], check: [Bool]? = nil, eps: Float = 1e-2,
     let out = f(tape, vars)
     let grads = tape.backward(from: out, seed: Tensor(shape: firstOut.shape, r))
 
-    var rng = SeededRandom(seed: seed)
+    var rng = SplitMix64(seed: seed)
     for (i, x) in inputs.enumerated() where check[i] {
         guard let g = grads[vars[i]] else {
             XCTFail("\(what): no gradient for input \(i)", file: file, line: line); continue
