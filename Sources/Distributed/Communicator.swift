@@ -56,13 +56,7 @@ public final class LocalGroup: @unchecked Sendable {
     /// Runs `body` on every rank, each on its own thread, and returns their results in rank order; rethrows the
     /// first rank's error.
     public func run<T>(_ body: @escaping (LocalCommunicator) throws -> T) throws -> [T] {
-        final class Results: @unchecked Sendable {
-            let lock = NSLock()
-            var values: [Result<T, Error>?]
-            init(_ n: Int) { values = Array(repeating: nil, count: n) }
-            func set(_ r: Int, _ v: Result<T, Error>) { lock.lock(); values[r] = v; lock.unlock() }
-        }
-        let results = Results(size)
+        let results = RankResults<T>(size)
         let done = DispatchGroup()
         for r in 0..<size {
             done.enter()
@@ -111,6 +105,14 @@ public final class LocalGroup: @unchecked Sendable {
         while mailboxes[route]?.isEmpty ?? true { cond.wait() }
         return mailboxes[route]!.removeFirst()
     }
+}
+
+/// Per-rank results of `LocalGroup.run`, written from the ranks' threads.
+private final class RankResults<T>: @unchecked Sendable {
+    let lock = NSLock()
+    var values: [Result<T, Error>?]
+    init(_ n: Int) { values = Array(repeating: nil, count: n) }
+    func set(_ r: Int, _ v: Result<T, Error>) { lock.lock(); values[r] = v; lock.unlock() }
 }
 
 /// One rank of a `LocalGroup`.
