@@ -74,7 +74,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
-            path: "Sources/Training", swiftSettings: kernelFlags),
+            path: "Sources/Training", exclude: ["README.md"], swiftSettings: kernelFlags),
         .executableTarget(
             name: "LoraDist",
             dependencies: [

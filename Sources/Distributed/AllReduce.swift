@@ -108,14 +108,29 @@ public final class GradientAllReduce {
     /// In place: buffer ← Σ_r samples_r · buffer_r / Σ_r samples_r (identical bits on every rank).
     /// Collective; `samples` ≥ 0 is this rank's real sample count (0: contributes nothing), the total > 0.
     public func average(_ buffer: inout [Float], samples: Int) throws -> Stats {
-        let start = DispatchTime.now().uptimeNanoseconds
-        guard buffer.count == count else {
-            throw Failure(description: "gradient all-reduce: buffer has \(buffer.count) floats, this reducer was built for \(count)")
-        }
         guard samples >= 0 else { throw Failure(description: "gradient all-reduce: samples \(samples) is negative") }
         let total = try communicator.allReduce([Int64(samples)], op: .sum)[0]
         guard total > 0 else {
             throw Failure(description: "gradient all-reduce: no rank had samples this step (total 0); skip the step instead")
+        }
+        let stats = try reduce(&buffer, weight: samples)
+        let divisor = Float(total)
+        for i in 0..<count { buffer[i] = buffer[i] / divisor }
+        return stats
+    }
+
+    /// In place: buffer ← Σ_r buffer_r (identical bits on every rank): the training loop's gradient sums, divided by
+    /// the total sample count once by the caller. Collective.
+    public func sum(_ buffer: inout [Float]) throws -> Stats {
+        try reduce(&buffer, weight: 1)
+    }
+
+    /// buffer ← Σ_r weight_r · x_r, the sum in the algorithm's fixed order (x_r: the rank's values, or their bf16
+    /// rounding with error feedback).
+    private func reduce(_ buffer: inout [Float], weight samples: Int) throws -> Stats {
+        let start = DispatchTime.now().uptimeNanoseconds
+        guard buffer.count == count else {
+            throw Failure(description: "gradient all-reduce: buffer has \(buffer.count) floats, this reducer was built for \(count)")
         }
         let weight = Float(samples)
         let n = communicator.size
@@ -140,7 +155,7 @@ public final class GradientAllReduce {
                 if feedback { e[i] = t - qf }
                 buffer[i] = weight * qf
             }
-        } else {
+        } else if samples != 1 {
             for i in 0..<count { buffer[i] = weight * buffer[i] }
         }
 
@@ -155,8 +170,6 @@ public final class GradientAllReduce {
             case .allGather: try gatherAll(&buffer, bf16Bits: bf16Bits, samples: samples, stats: &stats)
             }
         }
-        let divisor = Float(total)
-        for i in 0..<count { buffer[i] = buffer[i] / divisor }
         stats.seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
         return stats
     }

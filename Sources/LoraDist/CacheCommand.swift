@@ -5,6 +5,7 @@ import Foundation
 import Logging
 import SDXL
 import Tensor
+import Training
 
 /// Resolves a dataset argument for `lora-dist dataset` and `lora-dist cache`: a kohya TOML, a folder, or
 /// `builtin:shapes` (generated into `builtinFolder`). Errors print one line and fail the command.
@@ -31,90 +32,110 @@ func resolveDatasetReport(_ config: String, builtinFolder: URL, resolution: Int,
     }
 }
 
-/// `lora-dist cache CONFIG --model FILE --cache-dir DIR`: encode every latent the dataset trains on into a shared
-/// cache folder before training, each (image, bucket, flip) by its coordinator owner rank, under mpirun.
+/// `lora-dist cache CONFIG`: encode every latent a training run will use into its shared cache folder before
+/// training, under mpirun each (image, bucket, flip) by its owner rank. CONFIG is the training TOML itself (the plan
+/// `lora-dist train` makes from it: the same samples and owner ranks, the same `<cache_dir>/latents` folder), or a
+/// dataset alone (a kohya dataset TOML, a folder, builtin:shapes) with --model and --cache-dir.
 struct CacheCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cache",
-        abstract: "Build the latent cache ahead of training (in parallel under mpirun; --cache-dir must be shared).")
+        abstract: "Build the latent cache ahead of training (in parallel under mpirun; the cache folder must be shared).")
 
     @OptionGroup var engine: EngineOptions
-    @Argument(help: "A kohya dataset TOML, a folder (flat, or kohya img/N_name/ subfolders), or builtin:shapes.")
+    @Argument(help: "A training TOML (what `lora-dist train` takes), or a kohya dataset TOML, a folder (flat, or kohya img/N_name/ subfolders), or builtin:shapes.")
     var config: String
-    @Option(help: "The SDXL single-file checkpoint whose VAE encodes.") var model: String
-    @Option(help: "The latent cache folder (shared by all ranks).") var cacheDir: String
+    @Option(help: "The SDXL checkpoint whose VAE encodes (default: the training TOML's pretrained_model_name_or_path).") var model: String?
+    @Option(help: "The cache folder: latents go to DIR/latents, where `lora-dist train` with [lora_dist] cache_dir = DIR reads them (default: the training TOML's cache_dir, else output_dir/cache).")
+    var cacheDir: String?
     @Option(help: "Training resolution when CONFIG is a folder.") var resolution = 1024
     @Option(help: "Per-rank batch size when CONFIG is a folder (a TOML's own batch_size wins).") var batchSize = 1
     @Option(help: "Caption file extension when CONFIG is a folder.") var captionExtension = ".txt"
     @Flag(help: "Each rank logs every latent it encodes.") var verbose = false
 
+    /// CONFIG as a training config: read as is, or made from a dataset argument (seed and everything else at
+    /// `lora-dist train`'s defaults).
+    func trainingConfig() throws -> TrainingConfig {
+        let url = URL(fileURLWithPath: config)
+        var isDir: ObjCBool = false
+        let exists = FileManager.default.fileExists(atPath: config, isDirectory: &isDir)
+        var cfg: TrainingConfig
+        if exists && !isDir.boolValue && !TrainingConfig.isDatasetTOML(url) {
+            cfg = try TrainingConfig.load(toml: url)
+        } else {
+            guard exists || config == "builtin:shapes" else { throw ValidationError("\(config): no such file or folder") }
+            guard model != nil, cacheDir != nil else {
+                throw ValidationError("with a dataset (not a training TOML) as CONFIG, give --model FILE and --cache-dir DIR")
+            }
+            cfg = TrainingConfig()
+            cfg.pretrainedModelNameOrPath = model!
+            cfg.trainBatchSize = batchSize
+            cfg.datasetSource = config
+            if exists && !isDir.boolValue {
+                cfg.datasetConfigPath = config
+                cfg.dataset = try DatasetConfig.load(toml: url)
+            } else if config != "builtin:shapes" {
+                cfg.dataset = DatasetReport.folderConfig(url, resolution: resolution, captionExtension: captionExtension, batchSize: batchSize)
+            } else {
+                cfg.trainDataDir = config
+                cfg.datasetArguments.resolution = [resolution, resolution]
+                cfg.datasetArguments.captionExtension = captionExtension
+                cfg.datasetArguments.enableBucket = true
+            }
+        }
+        if let model { cfg.pretrainedModelNameOrPath = model }
+        if let cacheDir { cfg.lora.cacheDir = cacheDir }
+        return cfg
+    }
+
     func run() throws {
         RankLogging.bootstrap()
         let log = Logger(label: "cache")
+        let cfg: TrainingConfig
+        do { cfg = try trainingConfig() } catch let e as ValidationError { throw e } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            throw ExitCode.failure
+        }
         let comm = try startRanks(log)
         engine.apply()
         let progress = RankLogging.progress()
-        let cacheURL = URL(fileURLWithPath: cacheDir)
-
-        // builtin:shapes goes into the shared cache folder, written by rank 0 alone, so every rank sees the
-        // same paths (the coordinator's ownership is keyed by path).
-        let builtin = cacheURL.appendingPathComponent("builtin-shapes")
-        if config == "builtin:shapes" {
-            if comm.rank == 0 {
-                try FileManager.default.createDirectory(at: cacheURL, withIntermediateDirectories: true)
-                try? FileManager.default.removeItem(at: builtin)
-                try SyntheticShapes.write(to: builtin)
-            }
-            try comm.barrier()
-        }
-        let report = try resolveDatasetReport(config, builtinFolder: builtin, resolution: resolution,
-                                              captionExtension: captionExtension, batchSize: batchSize,
-                                              writeBuiltin: false)
-        let jobs = try CacheBuilder.jobs(report, vaeIdentity: try LatentCache.vaeIdentity(weightsPath: model))
-        let manifest = report.entries.map {
-            ManifestEntry(id: $0.image.path, width: $0.placement.bucket.width, height: $0.placement.bucket.height,
-                          repeats: $0.image.repeats)
-        }
-        let coord = try Coordinator(manifest: manifest, seed: 0, worldSize: comm.size, batchSize: report.batchSize,
-                                    cacheMode: .shared)
         let rank = comm.rank
-        let isMine: (CacheJob) -> Bool = { coord.owner[$0.entry.image.path] == rank }
-
-        let ckpt = try SDXLCheckpoint(path: model)
-        // fp32 activations; each op widens the checkpoint's (possibly fp16) weights as it reads them.
-        let vae = try ckpt.vae()
-        // LatentKey's latent shape is [4, H/8, W/8] (SDXL's VAE); refuse any other VAE before encoding anything.
-        guard vae.config.downsamplingFactor == 8, vae.config.zChannels == 4 else {
-            if rank == 0 {
-                FileHandle.standardError.write(Data(("error: \(model): the VAE downsamples by \(vae.config.downsamplingFactor) with "
-                    + "\(vae.config.zChannels) latent channels; the latent cache stores SDXL's [4, H/8, W/8]\n").utf8))
+        do {
+            let inputs = try RunInputs(config: cfg, communicator: comm)
+            // The plan `lora-dist train` makes: the same sample ids, seed and world size give the same owner ranks.
+            let plan = try TrainingPlan(config: cfg, dataset: inputs.dataset, worldSize: comm.size)
+            let ckpt = try SDXLCheckpoint(path: inputs.modelPath)
+            let vaeConfig = try ckpt.vae().config
+            // LatentKey's latent shape is [4, H/8, W/8] (SDXL's VAE); refuse any other VAE before encoding anything.
+            guard vaeConfig.downsamplingFactor == 8, vaeConfig.zChannels == 4 else {
+                throw TrainingError("\(inputs.modelPath): the VAE downsamples by \(vaeConfig.downsamplingFactor) with "
+                    + "\(vaeConfig.zChannels) latent channels; the latent cache stores SDXL's [4, H/8, W/8]")
             }
-            try? comm.finalize()
+            let cache = try LatentCache(storage: .disk(inputs.latentFolder))
+            let start = Date()
+            let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: try LatentCache.vaeIdentity(weightsPath: ckpt.path),
+                                            communicator: comm, vae: { try ckpt.vae() }, progress: { n, mine in
+                let rate = Double(n) / max(Date().timeIntervalSince(start), 1e-9)
+                progress.info("encoded \(n)/\(mine) (this rank's share), \(String(format: "%.2f", rate)) images/s")
+            })
+            if verbose {
+                for j in try plan.latentJobs(vaeIdentity: try LatentCache.vaeIdentity(weightsPath: ckpt.path)) where j.owner == rank {
+                    log.info("owns \(j.job.key.fileName) \(j.job.key)")
+                }
+            }
+            for issue in caching.local.rebuilt { log.warning("\(issue.path): \(issue.reason)") }
+            log.info("this rank: \(caching.local.hits) hits, \(caching.local.misses) misses, \(caching.local.rebuilt.count) rebuilt")
+            let seconds = Date().timeIntervalSince(start)
+            if rank == 0 {
+                for issue in plan.issues { print("skipped \(issue)") }
+                let encoded = caching.misses + caching.rebuilt
+                print("latent cache \(inputs.latentFolder.path): \(caching.hits + encoded) latents, \(caching.hits) hits, \(caching.misses) misses, "
+                      + "\(caching.rebuilt) rebuilt (reasons logged by their owner ranks); \(comm.size) ranks, "
+                      + String(format: "%.1f s, %.2f images/s", seconds, Double(encoded) / max(seconds, 1e-9)))
+            }
+        } catch {
+            FileHandle.standardError.write(Data("error (rank \(rank)): \(error)\n".utf8))
+            if comm.size > 1 { comm.abort(code: 1) }
             throw ExitCode.failure
-        }
-        let cache = try LatentCache(storage: .disk(cacheURL))
-        let start = Date()
-        let local = try CacheBuilder.build(jobs, cache: cache, isAssigned: isMine, encode: { x in
-            let (mean, logvar) = vae.encode(Tape(recording: false), Var(x))
-            return (mean.value, logvar.value)
-        }, progress: { n, total in
-            let rate = Double(n) / max(Date().timeIntervalSince(start), 1e-9)
-            progress.info("encoded \(n)/\(total) (rank 0's share of \(jobs.count)), \(String(format: "%.2f", rate)) images/s")
-        })
-        if verbose {
-            for job in jobs where isMine(job) { log.info("owns \(job.key.fileName) \(job.key)") }
-        }
-        for issue in local.rebuilt { log.warning("\(issue.path): \(issue.reason)") }
-        log.info("this rank: \(local.hits) hits, \(local.misses) misses, \(local.rebuilt.count) rebuilt")
-        // Every file is complete before any rank reads the cache.
-        try comm.barrier()
-        let totals = try comm.allReduce([Int64(local.hits), Int64(local.misses), Int64(local.rebuilt.count)], op: .sum)
-        let seconds = Date().timeIntervalSince(start)
-        if rank == 0 {
-            let encoded = totals[1] + totals[2]
-            print("latent cache \(cacheURL.path): \(totals[0] + encoded) latents, \(totals[0]) hits, \(totals[1]) misses, "
-                  + "\(totals[2]) rebuilt (reasons logged by their owner ranks); \(comm.size) ranks, "
-                  + String(format: "%.1f s, %.2f images/s", seconds, Double(encoded) / max(seconds, 1e-9)))
         }
         try comm.finalize()
     }

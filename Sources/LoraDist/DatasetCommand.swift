@@ -2,6 +2,7 @@ import ArgumentParser
 import Dataset
 import Distributed
 import Foundation
+import Training
 
 /// `lora-dist dataset CONFIG`: what a dataset will train as, before any model is loaded.
 struct DatasetCommand: ParsableCommand {

@@ -75,11 +75,13 @@ final class CacheCommandTests: XCTestCase {
         }
         XCTAssertEqual(Set(owned.keys), [0, 1], first.output)
         XCTAssertTrue(owned[0, default: []].isDisjoint(with: owned[1, default: []]))
-        let files = Set(try FileManager.default.contentsOfDirectory(atPath: cache).filter { $0.hasSuffix(".safetensors") })
+        // Latents go to <cache-dir>/latents, where `lora-dist train` with [lora_dist] cache_dir = <cache-dir> reads them.
+        let latents = cache + "/latents"
+        let files = Set(try FileManager.default.contentsOfDirectory(atPath: latents).filter { $0.hasSuffix(".safetensors") })
         XCTAssertEqual(files.count, 4)
         XCTAssertEqual(owned[0, default: []].union(owned[1, default: []]), files)
         for f in files {
-            let st = try SafeTensorsFile(path: cache + "/" + f)
+            let st = try SafeTensorsFile(path: latents + "/" + f)
             XCTAssertEqual(st.entries["mean"]?.dtype, "F32")
             XCTAssertTrue(try st.tensor("mean").scalars.allSatisfy(\.isFinite))
         }

@@ -386,7 +386,7 @@ final class TrainingConfigTests: XCTestCase {
         XCTAssertTrue(b.shuffleCaption)
         XCTAssertEqual(a.numRepeats, 5)           // dataset_repeats
         XCTAssertEqual(b.numRepeats, 3)
-        XCTAssertEqual(c.dataset.datasets.count, 2, "load resolves a dataset TOML that exists")
+        XCTAssertEqual(c.dataset?.datasets.count, 2, "load resolves a dataset TOML that exists")
         // A dataset_config that does not exist: parsing works, resolving the dataset says which file is missing.
         let missing = try parse(minimal + "dataset_config = \"nope.toml\"\n", base: dir)
         let m = message { try missing.datasetConfig(builtinFolder: dir) }

@@ -14,11 +14,10 @@ public struct TrainingConfig: Sendable {
     public var vParameterization = false
 
     // MARK: [dataset_arguments]
-    /// The dataset, resolved: from `dataset_config` (kohya dataset TOML, relative to the training TOML's folder),
-    /// from `train_data_dir` + the flat dataset arguments, or `builtin:shapes`. The loader fills it except for
-    /// `builtin:shapes` (and a dataset TOML that does not exist yet); the trainer sets it from
-    /// `datasetConfig(builtinFolder:)` once the built-in images are written.
-    public var dataset = DatasetConfig(datasets: [], source: "")
+    /// The dataset, resolved once at load: from `dataset_config` (kohya dataset TOML, relative to the training TOML's
+    /// folder), or from `train_data_dir` + the flat dataset arguments. nil for `builtin:shapes` (its images are written
+    /// at train time; the plan resolves it then with `datasetConfig(builtinFolder:)`).
+    public var dataset: DatasetConfig? = nil
     /// Where the dataset came from, for messages and `ss_datasets`.
     public var datasetSource = ""
     public var cacheLatents = false

@@ -75,6 +75,14 @@ extension TrainingConfig {
         return try parse(toml: text, source: url.path, baseDirectory: url.deletingLastPathComponent())
     }
 
+    /// Whether `url` is a kohya dataset TOML (`[[datasets]]`, `[general]`) rather than a training TOML.
+    public static func isDatasetTOML(_ url: URL) -> Bool {
+        guard let text = try? String(contentsOf: url, encoding: .utf8), let table = try? TOMLTable(string: text) else { return false }
+        let training = table.contains(key: "pretrained_model_name_or_path")
+            || table.keys.contains { table[$0]?.table?.contains(key: "pretrained_model_name_or_path") ?? false }
+        return table.contains(key: "datasets") && !training
+    }
+
     /// The embedded demo (configs/demo.toml), parsed against the current directory.
     public static var demo: TrainingConfig {
         do {

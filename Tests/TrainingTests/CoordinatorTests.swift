@@ -1,5 +1,5 @@
 import XCTest
-@testable import Distributed
+@testable import Training
 
 /// The coordinator's invariants over many seeded random manifests, world sizes 1–5, batches 1–4, both cache modes,
 /// plus hand-checked arithmetic. Pure Swift: no MPI needed (every rank computes the same function).

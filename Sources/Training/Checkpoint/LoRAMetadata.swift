@@ -1,7 +1,7 @@
 import Dataset
 import Foundation
 
-extension Trainer {
+extension Checkpointer {
     /// The metadata kohya's train_network.py writes into a LoRA (`ss_*` training record, `modelspec.*` from
     /// library/sai_model_spec.py), from this run's settings. Values are strings, as kohya writes them (Python `str()`
     /// of the value: "True"/"False", "None").
@@ -11,7 +11,7 @@ extension Trainer {
         func py(_ i: Int?) -> String { i.map(String.init) ?? "None" }
         let c = config
         var m: [String: String] = [:]
-        m["ss_session_id"] = String(seed)
+        m["ss_session_id"] = String(plan.seed)
         m["ss_training_started_at"] = String(startedAt.timeIntervalSince1970)
         if final { m["ss_training_finished_at"] = String(Date().timeIntervalSince1970) }
         m["ss_output_name"] = c.outputName
@@ -19,14 +19,14 @@ extension Trainer {
         // kohya records str(args.text_encoder_lr): a TOML number as is, a list as Python prints it.
         m["ss_text_encoder_lr"] = c.textEncoderLR.map { $0.count == 1 ? String($0[0]) : "[" + $0.map { String($0) }.joined(separator: ", ") + "]" } ?? "None"
         m["ss_unet_lr"] = py(c.unetLR)
-        m["ss_num_train_images"] = String(coordinator.samplesPerEpoch)
-        m["ss_num_reg_images"] = String(report.entries.filter { report.subsets[$0.image.subset].isReg }.count)
-        m["ss_num_batches_per_epoch"] = String(coordinator.stepsPerEpoch)
-        m["ss_num_epochs"] = String(totalEpochs)
+        m["ss_num_train_images"] = String(plan.coordinator.samplesPerEpoch)
+        m["ss_num_reg_images"] = String(plan.report.entries.filter { plan.report.subsets[$0.image.subset].isReg }.count)
+        m["ss_num_batches_per_epoch"] = String(plan.coordinator.stepsPerEpoch)
+        m["ss_num_epochs"] = String(plan.totalEpochs)
         m["ss_gradient_checkpointing"] = py(c.gradientCheckpointing)
         m["ss_gradient_accumulation_steps"] = String(c.gradientAccumulationSteps)
-        m["ss_max_train_steps"] = String(totalSteps)
-        m["ss_lr_warmup_steps"] = String(LRSchedule.warmupSteps(c.lrWarmupSteps, totalSteps: totalSteps))
+        m["ss_max_train_steps"] = String(plan.totalSteps)
+        m["ss_lr_warmup_steps"] = String(LRSchedule.warmupSteps(c.lrWarmupSteps, totalSteps: plan.totalSteps))
         m["ss_lr_scheduler"] = c.lrScheduler
         m["ss_network_module"] = c.networkModule
         m["ss_network_dim"] = String(network.spec.linearRank)
@@ -39,7 +39,7 @@ extension Trainer {
         m["ss_clip_skip"] = "None"
         m["ss_max_token_length"] = c.maxTokenLength == 75 ? "None" : String(c.maxTokenLength)
         m["ss_cache_latents"] = py(true)
-        m["ss_seed"] = String(seed)
+        m["ss_seed"] = String(plan.seed)
         m["ss_lowram"] = "False"
         m["ss_noise_offset"] = py(c.noiseOffset)
         m["ss_noise_offset_random_strength"] = py(c.noiseOffsetRandomStrength)
@@ -60,7 +60,7 @@ extension Trainer {
         m["ss_training_comment"] = c.trainingComment ?? "trained with lora-dist on \(worldSize) rank\(worldSize == 1 ? "" : "s")"
         m["ss_sd_model_name"] = URL(fileURLWithPath: c.pretrainedModelNameOrPath).lastPathComponent
         m["ss_steps"] = String(position.optimizerSteps)
-        m["ss_epoch"] = String(final ? totalEpochs : max(position.epoch, 1))
+        m["ss_epoch"] = String(final ? plan.totalEpochs : max(position.epoch, 1))
         let netArgs = Dictionary(c.networkArgs.compactMap { arg -> (String, String)? in
             let kv = arg.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
             return kv.count == 2 ? (kv[0], kv[1]) : nil
@@ -68,11 +68,11 @@ extension Trainer {
         m["ss_network_args"] = jsonText(netArgs)
 
         // ss_datasets / ss_tag_frequency: one dataset of DreamBooth-style subsets, tags counted per folder as kohya does.
-        let first = report.subsets.first ?? SubsetConfig()
+        let first = plan.report.subsets.first ?? SubsetConfig()
         var tagFrequency: [String: [String: Int]] = [:]
         var subsets: [[String: Any]] = []
-        for (i, s) in report.subsets.enumerated() {
-            let images = report.entries.filter { $0.image.subset == i }
+        for (i, s) in plan.report.subsets.enumerated() {
+            let images = plan.report.entries.filter { $0.image.subset == i }
             let dirName = URL(fileURLWithPath: s.imageDir ?? "").lastPathComponent
             let captions = images.map { $0.image.caption ?? $0.image.classToken ?? "" }
             tagFrequency[dirName, default: [:]].merge(Captions.tagFrequency(captions), uniquingKeysWith: +)
@@ -84,13 +84,13 @@ extension Trainer {
                             "class_tokens": s.classTokens as Any, "is_reg": s.isReg, "alpha_mask": s.alphaMask])
         }
         var buckets: [String: Any] = [:]
-        for (i, row) in report.buckets.enumerated() {
+        for (i, row) in plan.report.buckets.enumerated() {
             buckets[String(i)] = ["resolution": [row.bucket.width, row.bucket.height], "count": row.samples]
         }
         let resolution = first.resolution ?? [1024, 1024]
         let dataset: [String: Any] = [
             "is_dreambooth": true, "batch_size_per_device": c.trainBatchSize,
-            "num_train_images": coordinator.samplesPerEpoch, "num_reg_images": Int(m["ss_num_reg_images"]!)!,
+            "num_train_images": plan.coordinator.samplesPerEpoch, "num_reg_images": Int(m["ss_num_reg_images"]!)!,
             "resolution": resolution.count == 1 ? [resolution[0], resolution[0]] : resolution,
             "enable_bucket": first.enableBucket, "min_bucket_reso": first.minBucketReso, "max_bucket_reso": first.maxBucketReso,
             "tag_frequency": tagFrequency, "bucket_info": ["buckets": buckets, "mean_img_ar_error": 0.0], "subsets": subsets,

@@ -1,0 +1,170 @@
+import Distributed
+import Foundation
+import SafeTensors
+import Tensor
+
+/// Where a run is: optimizer steps done and the next micro-step of the epoch plan. Saved in every state.
+public struct TrainingPosition: Codable, Equatable, Sendable {
+    public var optimizerSteps = 0
+    public var epoch = 0
+    /// Index of the next micro-step in `plan(epoch:)`.
+    public var nextStep = 0
+    public var nonFiniteRun = 0
+    public var skippedSteps = 0
+    public var losses: [Double] = []      // the moving window behind the average shown
+    public init() {}
+}
+
+/// The metadata blob of a resumable state.
+struct StateInfo: Codable {
+    var format = 1
+    var position: TrainingPosition
+    var worldSize: Int
+    var fingerprint: String
+    var seed: UInt64
+    var optimizer: String
+    var wireFormat: String
+    var trainingStartedAt: Double
+}
+
+/// Stage 5 — what a run leaves on disk: kohya-format LoRA files (with kohya's metadata) on the save cadences with
+/// kohya's and AI Toolkit's keep rules, and resumable states (LoRA values, optimizer state, position in the data plan,
+/// every rank's wire-format residual). Rank 0 writes, atomically; the state save is collective.
+final class Checkpointer {
+    let config: TrainingConfig
+    let communicator: any Communicator
+    let plan: TrainingPlan
+    let network: LoRANetwork
+    let optimizer: Optimizer
+    let reducer: GradientAllReduce
+    let outputDirectory: URL
+    let stateDirectory: URL
+    /// When training started (a resumed run keeps the first run's time, for ss_training_started_at).
+    var startedAt = Date()
+    private(set) var filesWritten: [String] = []
+
+    var rank: Int { communicator.rank }
+    var worldSize: Int { communicator.size }
+
+    init(config: TrainingConfig, communicator: any Communicator, plan: TrainingPlan, network: LoRANetwork,
+         optimizer: Optimizer, reducer: GradientAllReduce, outputDirectory: URL) {
+        self.config = config
+        self.communicator = communicator
+        self.plan = plan
+        self.network = network
+        self.optimizer = optimizer
+        self.reducer = reducer
+        self.outputDirectory = outputDirectory
+        stateDirectory = outputDirectory.appendingPathComponent("\(config.outputName)-state")
+    }
+
+    // MARK: LoRA files
+
+    func saveLoRA(_ name: String, position: TrainingPosition, progress: TrainingProgress?, final: Bool = false) throws {
+        guard rank == 0 else { return }
+        let url = outputDirectory.appendingPathComponent(name)
+        let dtype: DType = config.savePrecision == "fp16" ? .f16 : config.savePrecision == "bf16" ? .bf16 : .f32
+        try LoRAFile.save(network, to: url.path, dtype: dtype, metadata: loraMetadata(position: position, final: final))
+        filesWritten.append(url.path)
+        progress?.note("saved \(url.path)")
+    }
+
+    /// A step save (`save_every_n_steps`), then the keep rules, then a state if `save_state`.
+    func saveStep(_ position: TrainingPosition, progress: TrainingProgress?) throws {
+        let step = position.optimizerSteps
+        try saveLoRA(SaveNames.step(config.outputName, step), position: position, progress: progress)
+        if rank == 0 {
+            let existing = SaveNames.existingSteps(in: outputDirectory, outputName: config.outputName)
+            for s in SaveNames.stepsToRemove(existing: existing, current: step, lastNSteps: config.saveLastNSteps,
+                                             keepCount: config.lora.keepStepSaves) {
+                try? FileManager.default.removeItem(at: outputDirectory.appendingPathComponent(SaveNames.step(config.outputName, s)))
+            }
+        }
+        if config.saveState { try saveState(position) }
+    }
+
+    /// An epoch save (`save_every_n_epochs`), kohya's `save_last_n_epochs`, a state if `save_state`.
+    func saveEpoch(_ epoch: Int, position: TrainingPosition, progress: TrainingProgress?) throws {
+        try saveLoRA(SaveNames.epoch(config.outputName, epoch), position: position, progress: progress)
+        if rank == 0 {
+            for e in SaveNames.epochsToRemove(existing: SaveNames.existingEpochs(in: outputDirectory, outputName: config.outputName),
+                                              current: epoch, lastNEpochs: config.saveLastNEpochs) {
+                try? FileManager.default.removeItem(at: outputDirectory.appendingPathComponent(SaveNames.epoch(config.outputName, e)))
+            }
+        }
+        if config.saveState { try saveState(position) }
+    }
+
+    // MARK: states
+
+    /// Everything to continue bit-identically: LoRA values, optimizer state, position, and (bf16 wire) every rank's
+    /// error-feedback residual. Collective (residuals are gathered); rank 0 writes atomically.
+    func saveState(_ position: TrainingPosition) throws {
+        var residualBlobs: [[UInt8]] = []
+        if config.lora.wireFormat == .bf16 {
+            residualBlobs = try communicator.allGather(reducer.residual.withUnsafeBytes { Array($0) })
+        }
+        guard rank == 0 else { try communicator.barrier(); return }
+        let info = StateInfo(position: position, worldSize: worldSize, fingerprint: config.fingerprint, seed: plan.seed,
+                             optimizer: optimizer.name, wireFormat: config.lora.wireFormat.rawValue,
+                             trainingStartedAt: startedAt.timeIntervalSince1970)
+        var blobs: [(name: String, bytes: [UInt8])] = [("info.json", Array(try JSONEncoder().encode(info)))]
+        blobs.append(("lora", network.parameters.withUnsafeBytes { Array($0) }))
+        for (name, bytes) in optimizer.stateBlobs() { blobs.append(("optimizer." + name, bytes)) }
+        for (r, bytes) in residualBlobs.enumerated() { blobs.append(("residual.\(r)", bytes)) }
+        let writer = try CheckpointWriter(directory: stateDirectory, rank: rank, every: 1, keep: config.lora.keepStates)
+        if let url = try writer.write(step: position.optimizerSteps, blobs: blobs) { filesWritten.append(url.path) }
+        try communicator.barrier()
+    }
+
+    /// Whether this run's state folder holds a complete state (rank 0 decides, every rank gets its answer: the
+    /// branch `--resume auto` takes must be the same everywhere). Collective.
+    func hasState() throws -> Bool {
+        var found: [UInt8] = [rank == 0 && ((try? CheckpointWriter.newestState(in: stateDirectory)) ?? nil) != nil ? 1 : 0]
+        try communicator.broadcast(&found, root: 0)
+        return found[0] == 1
+    }
+
+    /// The newest state's path, for messages.
+    var newestStatePath: String { (try? CheckpointWriter.newestState(in: stateDirectory))??.url.path ?? "none written" }
+
+    /// Reads a state (a state file, or the state folder: its newest complete state), checks it belongs to this run,
+    /// and puts its values into the network, the optimizer and the reducer.
+    func restore(from path: String) throws -> TrainingPosition {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
+            throw TrainingError("--resume \(path): no such state file or folder")
+        }
+        let url: URL
+        if isDir.boolValue {
+            guard let newest = try CheckpointWriter.newestState(in: URL(fileURLWithPath: path)) else {
+                throw TrainingError("--resume \(path): the folder holds no complete state")
+            }
+            url = newest.url
+        } else {
+            url = URL(fileURLWithPath: path)
+        }
+        let blobs = try StateBlobs.read(url)
+        guard let infoBytes = blobs["info.json"], let info = try? JSONDecoder().decode(StateInfo.self, from: Data(infoBytes)) else {
+            throw TrainingError("\(url.path): not a lora-dist training state (no info.json blob)")
+        }
+        guard info.worldSize == worldSize else {
+            throw TrainingError("\(url.path) was written by a run with \(info.worldSize) ranks; this run has \(worldSize). Resume with the same number of ranks (the data plan depends on it)")
+        }
+        guard info.fingerprint == config.fingerprint else {
+            throw TrainingError("\(url.path): the configuration changed since this state was written (model, dataset, network, optimizer, schedule, seed, batch or loss settings). Resume with the same settings, or start a new run")
+        }
+        guard let lora = blobs["lora"], lora.count == network.parameterCount * 4 else {
+            throw TrainingError("\(url.path): the LoRA blob is missing or has the wrong size for this network")
+        }
+        network.parameters = lora.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        var optimizerBlobs: [String: [UInt8]] = [:]
+        for (k, v) in blobs where k.hasPrefix("optimizer.") { optimizerBlobs[String(k.dropFirst("optimizer.".count))] = v }
+        try optimizer.restore(optimizerBlobs)
+        if config.lora.wireFormat == .bf16, let residual = blobs["residual.\(rank)"] {
+            try reducer.restoreResidual(residual.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) })
+        }
+        startedAt = Date(timeIntervalSince1970: info.trainingStartedAt)
+        return info.position
+    }
+}
