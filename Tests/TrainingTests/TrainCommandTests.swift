@@ -40,7 +40,8 @@ final class TrainCommandTests: XCTestCase {
     }
 
     /// A flat kohya training TOML over `images`.
-    func config(_ name: String, images: URL, batch: Int, steps: Int, extra: String = "", lora: String = "") throws -> String {
+    func config(_ name: String, images: URL, batch: Int, steps: Int, extra: String = "", lora: String = "",
+                unetOnly: Bool = true) throws -> String {
         let text = """
             pretrained_model_name_or_path = "builtin:tiny"
             train_data_dir = "\(images.path)"
@@ -49,7 +50,7 @@ final class TrainCommandTests: XCTestCase {
             network_module = "networks.lora"
             network_dim = 4
             network_alpha = 2
-            network_train_unet_only = true
+            network_train_unet_only = \(unetOnly)
             optimizer_type = "AdamW"
             learning_rate = 1e-3
             lr_scheduler = "constant"
@@ -101,6 +102,47 @@ final class TrainCommandTests: XCTestCase {
         // Adam's per-element normalisation can magnify where a gradient is near zero (measured up to 1.4e-5 absolute
         // on weights of magnitude ~0.5).
         XCTAssertLessThan(maxDiff, 1e-4 * maxAbs, "np2×b1 vs np1×b2")
+    }
+
+    // The same with the text encoders' LoRA trained too (kohya's default): te1/te2 modules at their own rates, their
+    // gradients all-reduced with the UNet's in the one buffer; np 2 × batch 1 equals np 1 × batch 2.
+    func testTextEncoderLoRATwoRanksEqualsOneRank() throws {
+        let images = try squareImages(2)
+        let extra = "text_encoder_lr = [5e-4, 1e-3]"
+        let one = try run(["train", try config("te1", images: images, batch: 2, steps: 4, extra: extra, unetOnly: false)])
+        XCTAssertEqual(one.status, 0, one.output)
+        XCTAssertTrue(one.output.contains("unet 0.001, te1 0.0005, te2 0.001"), one.output)
+        let two = try run(["train", try config("te2", images: images, batch: 1, steps: 4, extra: extra, unetOnly: false)], ranks: 2)
+        XCTAssertEqual(two.status, 0, two.output)
+        let a = try loraTensors(work.appendingPathComponent("te1/t.safetensors").path)
+        let b = try loraTensors(work.appendingPathComponent("te2/t.safetensors").path)
+        XCTAssertEqual(Set(a.keys), Set(b.keys))
+        // builtin:tiny has 2 layers per text encoder: 6 modules each × 3 tensors.
+        XCTAssertEqual(a.keys.filter { $0.hasPrefix("lora_te1_") }.count, 36)
+        XCTAssertEqual(a.keys.filter { $0.hasPrefix("lora_te2_") }.count, 36)
+        let teUp = a.filter { $0.key.hasPrefix("lora_te2_") && $0.key.hasSuffix("lora_up.weight") }.values.flatMap { $0 }.map(abs).max() ?? 0
+        XCTAssertGreaterThan(teUp, 1e-4, "the text encoders' lora_up must move")
+        var maxDiff: Float = 0, maxAbs: Float = 0
+        for (k, va) in a {
+            maxDiff = max(maxDiff, zip(va, b[k]!).map { abs($0 - $1) }.max() ?? 0)
+            maxAbs = max(maxAbs, va.map(abs).max() ?? 0)
+        }
+        XCTAssertLessThan(maxDiff, 1e-4 * maxAbs, "np2×b1 vs np1×b2 with text-encoder LoRA")
+        let meta = try SafeTensorsFile(path: work.appendingPathComponent("te1/t.safetensors").path).metadata
+        XCTAssertEqual(meta["ss_text_encoder_lr"], "[0.0005, 0.001]")
+    }
+
+    // `lora-dist cache CONFIG` under mpirun builds the plan `lora-dist train` builds: the training run that follows
+    // finds every latent (0 encoded), and its owner ranks are training's.
+    func testCacheCommandPreparesTheTrainingCache() throws {
+        let images = try squareImages(4)
+        let cfg = try config("cached", images: images, batch: 1, steps: 2)
+        let cache = try run(["cache", cfg, "--threads", "1"], ranks: 2)
+        XCTAssertEqual(cache.status, 0, cache.output)
+        XCTAssertTrue(cache.output.contains("4 latents, 0 hits, 4 misses, 0 rebuilt"), cache.output)
+        let train = try run(["train", cfg, "--threads", "1"], ranks: 2)
+        XCTAssertEqual(train.status, 0, train.output)
+        XCTAssertTrue(train.output.contains(": 4 reused, 0 encoded"), train.output)
     }
 
     // A seed makes the run deterministic: the demo config in two output folders (its generated model and dataset in each),
