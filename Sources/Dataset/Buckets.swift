@@ -94,6 +94,12 @@ public struct SDXLSizeConditioning: Equatable, Sendable {
     public let originalHeight, originalWidth: Int
     public let cropTop, cropLeft: Int
     public let targetHeight, targetWidth: Int
+
+    public init(originalHeight: Int, originalWidth: Int, cropTop: Int, cropLeft: Int, targetHeight: Int, targetWidth: Int) {
+        self.originalHeight = originalHeight; self.originalWidth = originalWidth
+        self.cropTop = cropTop; self.cropLeft = cropLeft
+        self.targetHeight = targetHeight; self.targetWidth = targetWidth
+    }
 }
 
 /// Where one image goes: its bucket, the size it is resized to (covering the bucket), and the trim.

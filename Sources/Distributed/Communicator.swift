@@ -50,8 +50,11 @@ public final class LocalGroup: @unchecked Sendable {
         slots = Array(repeating: nil, count: size)
     }
 
-    /// The communicator of each rank (hand one to each thread).
-    public lazy var communicators: [LocalCommunicator] = (0..<size).map { LocalCommunicator(group: self, rank: $0) }
+    /// Rank `rank`'s communicator (one per thread; it keeps the group alive).
+    public func communicator(rank: Int) -> LocalCommunicator {
+        precondition((0..<size).contains(rank), "rank \(rank) outside 0..<\(size)")
+        return LocalCommunicator(group: self, rank: rank)
+    }
 
     /// Runs `body` on every rank, each on its own thread, and returns their results in rank order; rethrows the
     /// first rank's error.
@@ -60,7 +63,7 @@ public final class LocalGroup: @unchecked Sendable {
         let done = DispatchGroup()
         for r in 0..<size {
             done.enter()
-            let comm = communicators[r]
+            let comm = self.communicator(rank: r)
             let thread = Thread {
                 results.set(r, Result { try body(comm) })
                 done.leave()
@@ -119,7 +122,7 @@ private final class RankResults<T>: @unchecked Sendable {
 public final class LocalCommunicator: Communicator {
     public let rank: Int
     public var size: Int { group.size }
-    unowned let group: LocalGroup
+    let group: LocalGroup
 
     init(group: LocalGroup, rank: Int) {
         self.group = group

@@ -2,6 +2,7 @@ import Dataset
 import Distributed
 import Foundation
 import SafeTensors
+import SDXL
 import Tensor
 @testable import Training
 import XCTest
@@ -126,4 +127,77 @@ final class LockedLines: @unchecked Sendable {
     private var lines: [String] = []
     func append(_ line: String) { lock.lock(); lines.append(line); lock.unlock() }
     var all: [String] { lock.lock(); defer { lock.unlock() }; return lines }
+}
+
+/// The batch stage on a real image file: kohya's SDXL size conditioning.
+final class BatchConditioningTests: XCTestCase {
+    // An image whose aspect ratio differs from its bucket's (261×1495 → bucket 256×1024 at resolution 512, buckets
+    // 256–1024 in steps of 64): the batch's (original size, crop top/left, target size) are kohya's, plain and flipped
+    // — BucketManager.get_crop_ltrb, then `target width − crop right` for a flipped image (BaseDataset.__getitem__),
+    // as Tests/Fixtures/dataset/make_buckets.py computed them from kohya's code (buckets.json) — not the
+    // centre-trim offsets. y carries exactly those numbers.
+    func testBatchSizeConditioningIsKohyas() throws {
+        let work = FileManager.default.temporaryDirectory.appendingPathComponent("batch-cond-\(getpid())")
+        try? FileManager.default.removeItem(at: work)
+        defer { try? FileManager.default.removeItem(at: work) }
+        let images = work.appendingPathComponent("img")
+        try FileManager.default.createDirectory(at: images, withIntermediateDirectories: true)
+        let (w, h) = (261, 1495)
+        let rgb = (0..<(w * h)).flatMap { i -> [UInt8] in [UInt8(i % 251), UInt8((i / w) % 253), 90] }
+        try ImageIO.writePNG(rgb, width: w, height: h, to: images.appendingPathComponent("tall.png").path)
+        try Data("a tall image".utf8).write(to: images.appendingPathComponent("tall.txt"))
+
+        // kohya's numbers for this image (buckets.json row [261, 1495, no_upscale 0] of the 512 / 256–1024 / 64 config).
+        let golden = try JSONSerialization.jsonObject(with: Data(contentsOf: TrainingFixtures.folder
+            .appendingPathComponent("../dataset/buckets.json"))) as! [String: Any]
+        let configs = golden["configs"] as! [[String: Any]]
+        let entry = try XCTUnwrap(configs.first {
+            let c = $0["config"] as! [String: Any]
+            return (c["resolution"] as! [Int]) == [512, 512] && c["min"] as! Int == 256 && c["max"] as! Int == 1024 && c["step"] as! Int == 64
+        })
+        let row = try XCTUnwrap((entry["cases"] as! [[Any]]).first { ($0[0] as! Int) == w && ($0[1] as! Int) == h && ($0[2] as! Int) == 0 })[3] as! [Any]
+        let int = { (i: Int) in row[i] as! Int }
+        let plain = SDXLSizeConditioning(originalHeight: int(11), originalWidth: int(12), cropTop: int(13), cropLeft: int(14),
+                                         targetHeight: int(15), targetWidth: int(16))
+        let flipped = SDXLSizeConditioning(originalHeight: int(11), originalWidth: int(12), cropTop: int(17), cropLeft: int(18),
+                                           targetHeight: int(15), targetWidth: int(16))
+        XCTAssertNotEqual(plain, flipped, "the case must tell flipped from plain")
+        // The centre trim (row's crop_top, crop_left: what the trainer used before) differs from kohya's crop here.
+        XCTAssertNotEqual([plain.cropTop, plain.cropLeft], [int(5), int(4)], "the case must tell kohya's crop from the trim")
+
+        let cfg = try TrainingConfig.parse(toml: """
+            pretrained_model_name_or_path = "builtin:tiny"
+            train_data_dir = "\(images.path)"
+            caption_extension = ".txt"
+            resolution = 512
+            enable_bucket = true
+            min_bucket_reso = 256
+            max_bucket_reso = 1024
+            bucket_reso_steps = 64
+            flip_aug = true
+            network_train_unet_only = true
+            max_train_steps = 16
+            output_dir = "\(work.appendingPathComponent("out").path)"
+            """, source: "cond.toml", baseDirectory: work)
+        let stages = try TrainingStages(config: cfg, communicator: LocalGroup(size: 1).communicator(rank: 0), say: { _ in })
+        var seen: Set<Bool> = []
+        for epoch in 0..<16 where seen.count < 2 {
+            let plan = stages.plan.coordinator.plan(epoch: epoch)
+            for i in plan.steps.indices {
+                let batch = try XCTUnwrap(try stages.batches.batch(plan, stepIndex: i, rank: 0))
+                let size = batch.sizes[0]
+                XCTAssertTrue(size == plain || size == flipped, "\(size)")
+                seen.insert(size == flipped)
+                // The step's y from this batch: pooled ⊕ the embeddings of kohya's six numbers (sgm's order).
+                let t = Tape(recording: false)
+                let pooled = Var(Tensor(randomNormal: [1, 48], seed: 5))
+                let want = size == flipped ? flipped : plain
+                let expected = Conditioning.y(t, pooled: pooled, originalSize: [(want.originalHeight, want.originalWidth)],
+                                              cropTopLeft: [(want.cropTop, want.cropLeft)],
+                                              targetSize: [(want.targetHeight, want.targetWidth)], embedDim: 8)
+                XCTAssertEqual(batch.y(t, pooled: pooled, embedDim: 8).value.scalars, expected.value.scalars)
+            }
+        }
+        XCTAssertEqual(seen, [false, true], "both the plain and the flipped latent were drawn")
+    }
 }

@@ -46,15 +46,21 @@ extension TrainingStep {
                     gradients: inout [Float]) -> (lossSum: Double, samples: Int) {
         let conditioning: (Tape) -> (context: Var, y: Var) = { t in
             let (context, pooled) = text.encode(t, batch.captions, checkpointing: checkpointing)
-            let s = batch.sizes
-            return (context, Conditioning.y(t, pooled: pooled, originalSize: s.map { ($0.originalHeight, $0.originalWidth) },
-                                            cropTopLeft: s.map { ($0.cropTop, $0.cropLeft) },
-                                            targetSize: s.map { ($0.targetHeight, $0.targetWidth) }, embedDim: sizeEmbedDim))
+            return (context, batch.y(t, pooled: pooled, embedDim: sizeEmbedDim))
         }
         let (loss, _) = run(unet: unet, network: network, latents: batch.latents, noise: batch.noise,
                             noisyLatents: batch.noisyLatents, timesteps: batch.timesteps, conditioning: conditioning,
                             sampleWeights: batch.weights, schedule: schedule, loss: options, checkpointing: checkpointing,
                             gradients: &gradients)
         return (loss.isFinite ? Double(loss) * Double(batch.count) : .nan, batch.count)
+    }
+}
+
+extension TrainingBatch {
+    /// SDXL's y for this batch: pooled [B, P] ⊕ the embeddings of each sample's (original size, crop, target size).
+    func y(_ t: Tape, pooled: Var, embedDim: Int) -> Var {
+        Conditioning.y(t, pooled: pooled, originalSize: sizes.map { ($0.originalHeight, $0.originalWidth) },
+                       cropTopLeft: sizes.map { ($0.cropTop, $0.cropLeft) },
+                       targetSize: sizes.map { ($0.targetHeight, $0.targetWidth) }, embedDim: embedDim)
     }
 }
