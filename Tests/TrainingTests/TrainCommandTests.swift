@@ -145,6 +145,32 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertTrue(train.output.contains(": 4 reused, 0 encoded"), train.output)
     }
 
+    // The first seed's guide config (Tests/Fixtures/training/configs/seed-guide.toml) trains as written: v2 = false
+    // and v_parameterization = false ask for nothing, network_rank is read as network_dim (with a note),
+    // learning_rate_te1/te2 give way to text_encoder_lr (with a note), and the text encoders train at 1e-6.
+    func testSeedGuideConfigTrainsAsWritten() throws {
+        let images = try squareImages(2)
+        var text = try String(contentsOf: URL(fileURLWithPath: TrainingFixtures.path("configs/seed-guide.toml")), encoding: .utf8)
+        text = text.replacingOccurrences(of: "models/Illustrious-XL-v0.1.safetensors", with: "builtin:tiny")
+            .replacingOccurrences(of: "\"dataset/img\"", with: "\"\(images.path)\"")
+            .replacingOccurrences(of: "\"1024,1024\"", with: "\"128,128\"")
+            .replacingOccurrences(of: "min_bucket_reso = 256", with: "min_bucket_reso = 64")
+            .replacingOccurrences(of: "max_bucket_reso = 2048", with: "max_bucket_reso = 256")
+        let cfg = work.appendingPathComponent("guide.toml")
+        try text.write(to: cfg, atomically: true, encoding: .utf8)
+        let out = work.appendingPathComponent("guide")
+        let r = try run(["train", cfg.path, "--output-dir", out.path, "--max-train-steps", "2", "--threads", "2"])
+        XCTAssertEqual(r.status, 0, r.output)
+        XCTAssertTrue(r.output.contains("network_rank = 64: read as network_dim"), r.output)
+        XCTAssertTrue(r.output.contains("text_encoder_lr applies"), r.output)
+        XCTAssertTrue(r.output.contains("ignored, as they ask for nothing: v2 = false"), r.output)
+        XCTAssertTrue(r.output.contains("lr unet 0.0001, te1 1e-06, te2 1e-06"), r.output)
+        let file = try SafeTensorsFile(path: out.appendingPathComponent("character.safetensors").path)
+        XCTAssertEqual(file.metadata["ss_network_dim"], "64")
+        XCTAssertEqual(file.metadata["ss_text_encoder_lr"], "1e-06")
+        XCTAssertEqual(try file.tensor("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight").shape, [64, 32])
+    }
+
     // A seed makes the run deterministic: the demo config in two output folders (its generated model and dataset in each),
     // one rank on 2 threads, gives bit-identical LoRAs. Sample ids are relative to the dataset folder, so where the
     // dataset lives does not change the plan or any random draw.

@@ -175,6 +175,9 @@ final class TrainingConfigTests: XCTestCase {
         XCTAssertTrue(c.gradientCheckpointing)
         XCTAssertEqual(c.saveEveryNEpochs, 1)
         XCTAssertEqual(c.outputName, "illustrious-character")
+        // The seed trains the text encoders too, at 1e-6 (kohya's default: network_train_unet_only absent).
+        XCTAssertEqual(c.textEncoderLR, [1e-6])
+        XCTAssertTrue(try c.networkOptions.trainTextEncoder)
         // xformers and mixed_precision bf16 are accepted with a note each.
         XCTAssertTrue(c.notes.contains { $0.hasPrefix("xformers:") }, "\(c.notes)")
         XCTAssertTrue(c.notes.contains { $0.hasPrefix("mixed_precision bf16") }, "\(c.notes)")
@@ -250,9 +253,9 @@ final class TrainingConfigTests: XCTestCase {
     }
 
     func testUnsupportedKohyaKeyIsNamed() {
-        let m = message { try self.parse(self.minimal + "sample_prompts = \"prompts.txt\"\n") }
-        XCTAssertTrue(m.contains("`sample_prompts` is a kohya option lora-dist does not implement"), m)
-        XCTAssertTrue(m.contains("\"prompts.txt\"") && m.contains("remove it"), m)
+        let m = message { try self.parse(self.minimal + "vae = \"sdxl_vae.safetensors\"\n") }
+        XCTAssertTrue(m.contains("`vae` is a kohya option lora-dist does not implement"), m)
+        XCTAssertTrue(m.contains("\"sdxl_vae.safetensors\"") && m.contains("remove it"), m)
         for (k, v) in [("v2", "true"), ("color_aug", "true"), ("lr_scheduler_type", "\"x.Y\""), ("huggingface_repo_id", "\"a/b\"")] {
             let m = message { try self.parse(self.minimal + "\(k) = \(v)\n") }
             XCTAssertTrue(m.contains("does not implement"), m)
@@ -263,6 +266,68 @@ final class TrainingConfigTests: XCTestCase {
             let m = message { try self.parse(self.minimal + "\(k) = \(v)\n") }
             XCTAssertTrue(m.contains("`\(k)`"), m)
         }
+    }
+
+    // kohya GUIs write dozens of unimplemented options at values that ask for nothing: off, empty, kohya's own default,
+    // or a part of a feature that is not switched on (prompts without a sampling cadence, upload settings without a
+    // repository). Those train, with one compact note.
+    func testUnsupportedKeysAtInertValuesAreIgnored() throws {
+        let inert = ["v2 = false", "color_aug = false", "random_crop = false", "debug_dataset = false",
+                     "weighted_captions = false", "dim_from_weights = false", "token_warmup_min = 1", "token_warmup_step = 0",
+                     "lr_scheduler_args = []", "lr_scheduler_type = \"\"", "sample_prompts = \"prompts.txt\"",
+                     "sample_sampler = \"euler_a\"", "sample_every_n_steps = 0", "huggingface_repo_id = \"\"",
+                     "huggingface_token = \"hf_x\"", "async_upload = true", "masked_loss = false"]
+        let c = try parse(minimal + inert.joined(separator: "\n") + "\n")
+        let notes = c.notes.filter { $0.hasPrefix("ignored, as they ask for nothing:") }
+        XCTAssertEqual(notes.count, 1, "\(c.notes)")
+        for entry in inert { XCTAssertTrue(notes[0].contains(entry.components(separatedBy: " = ")[0]), entry) }
+        // Every unsupported key written at kohya's own default (kohya_args.json) asks for nothing.
+        for arg in try Self.kohyaArgs().arguments {
+            guard case .unsupported = TrainingConfig.kohyaKeys[arg.name] else { continue }
+            let value: String
+            switch arg.default {
+            case .bool(let b): value = String(b)
+            case .number(let d): value = arg.type == "int" ? String(Int(d)) : String(d)
+            case .string(let str): value = "\"\(str)\""
+            default: continue
+            }
+            XCTAssertNoThrow(try parse(minimal + "\(arg.name) = \(value)\n"), "\(arg.name) = \(value)")
+        }
+        // The same features switched on are refused.
+        for on in ["sample_sampler = \"euler_a\"\nsample_every_n_epochs = 1", "huggingface_token = \"x\"\nhuggingface_repo_id = \"me/lora\"",
+                   "token_warmup_step = 100", "v2 = true"] {
+            XCTAssertTrue(message { try self.parse(self.minimal + on + "\n") }.contains("does not implement"), on)
+        }
+    }
+
+    // kohya warns that SDXL ignores clip_skip and trains; so does lora-dist.
+    func testClipSkipIsANote() throws {
+        let c = try parse(minimal + "clip_skip = 2\n")
+        XCTAssertTrue(c.notes.contains { $0.hasPrefix("clip_skip:") }, "\(c.notes)")
+    }
+
+    // network_rank (GUIs' and guides' name) is read as network_dim with a note — kohya would silently ignore it and
+    // train rank 4; disagreeing with network_dim is an error naming both.
+    func testNetworkRankIsReadAsNetworkDim() throws {
+        var c = try parse(minimal + "network_rank = 64\n")
+        XCTAssertEqual(c.networkDim, 64)
+        XCTAssertTrue(c.notes.contains { $0.hasPrefix("network_rank = 64: read as network_dim") }, "\(c.notes)")
+        c = try parse(minimal + "network_rank = 32\nnetwork_dim = 32\n")
+        XCTAssertEqual(c.networkDim, 32)
+        let m = message { try self.parse(self.minimal + "network_rank = 64\nnetwork_dim = 32\n") }
+        XCTAssertTrue(m.contains("network_rank") && m.contains("network_dim = 32") && m.contains("disagree"), m)
+    }
+
+    // sdxl_train.py's learning_rate_te1/te2 in a LoRA config: the text encoders' rates when text_encoder_lr is absent
+    // (a note says so); with text_encoder_lr, a note that they are ignored, as kohya's LoRA trainer ignores them.
+    func testPerEncoderLearningRates() throws {
+        var c = try parse(minimal + "learning_rate = 1e-4\nlearning_rate_te1 = 1e-6\nlearning_rate_te2 = 2e-6\n")
+        XCTAssertEqual(c.textEncoderLR, [1e-6, 2e-6])
+        c = try parse(minimal + "learning_rate = 1e-4\nlearning_rate_te1 = 1e-6\n")
+        XCTAssertEqual(c.textEncoderLR, [1e-6, 1e-4])
+        c = try parse(minimal + "text_encoder_lr = 5e-5\nlearning_rate_te1 = 1e-6\n")
+        XCTAssertEqual(c.textEncoderLR, [5e-5])
+        XCTAssertTrue(c.notes.contains { $0.contains("learning_rate_te1 = 1e-06") && $0.contains("text_encoder_lr applies") }, "\(c.notes)")
     }
 
     func testRuntimeKeysAreAcceptedWithNotes() throws {

@@ -123,6 +123,7 @@ extension TrainingConfig {
     /// Keys accepted with a one-line note: each only tunes kohya's PyTorch runtime, and lora-dist's own behaviour
     /// (fp32 compute on its own engine, MPI data parallelism, a self-validating latent cache) covers it.
     static let acceptedWithNote: [String: String] = [
+        "clip_skip": "clip_skip: ignored for SDXL (kohya warns the same and trains with SDXL's fixed penultimate layers)",
         "xformers": "xformers: lora-dist's attention is its own tiled (FlashAttention-2 style) kernel, memory O(N) not O(N²)",
         "sdpa": "sdpa: lora-dist's attention is its own tiled (FlashAttention-2 style) kernel, memory O(N) not O(N²)",
         "mem_eff_attn": "mem_eff_attn: lora-dist's attention is always tiled with an online softmax (no full score matrix)",
@@ -164,7 +165,6 @@ extension TrainingConfig {
     /// kohya features lora-dist does not implement: a TOML that sets one is refused, naming it.
     static let unsupported: [String: String] = [
         "v2": "trains Stable Diffusion 2.x; lora-dist trains SDXL only",
-        "clip_skip": "skips CLIP layers; kohya itself warns that SDXL ignores it",
         "color_aug": "randomly shifts image colours; it cannot be combined with cached latents (kohya refuses that too)",
         "face_crop_aug_range": "crops around faces by a random factor; it cannot be combined with cached latents",
         "random_crop": "crops images at random positions; it cannot be combined with cached latents (kohya refuses that too)",
@@ -212,10 +212,31 @@ extension TrainingConfig {
         "max_validation_steps": "limits validation steps",
     ]
 
+    /// kohya's defaults of unsupported keys that are neither off nor empty (kohya_args.json): a config that writes the
+    /// default asks for nothing.
+    static let unsupportedDefaults: [String: TOMLDefault] = [
+        "token_warmup_min": .number(1), "token_warmup_step": .number(0), "sample_sampler": .string("ddim"),
+        "lr_scheduler_type": .string(""), "lr_decay_steps": .number(0), "validation_split": .number(0),
+    ]
+
+    /// Keys GUIs and guides write under another name, read as the kohya key (with a note). kohya itself ignores the
+    /// alias (it is no argument of sdxl_train_network.py) and would train, e.g., at network_dim's default rank 4.
+    static let aliases: [String: String] = ["network_rank": "network_dim"]
+
+    /// sdxl_train.py's per-encoder learning rates (full fine-tuning), which guides also write into LoRA configs.
+    static let textEncoderRateKeys = ["learning_rate_te1", "learning_rate_te2"]
+
     /// lora-dist's own `[lora_dist]` keys.
     static let loraDistKinds: [String: ValueKind] = [
         "wire_format": .string, "threads_per_rank": .int, "cache_dir": .string, "cache_mode": .string,
         "trigger": .string, "resolutions": .any, "keep_step_saves": .int, "log_every": .int,
         "metrics_file": .string, "max_nonfinite_steps": .int, "parameter_check_every": .int, "keep_states": .int,
     ]
+}
+
+/// A default value of a kohya argument, for comparing with what a TOML wrote.
+enum TOMLDefault: Sendable, Equatable {
+    /// A number, written as an integer or a float.
+    case number(Double)
+    case string(String)
 }

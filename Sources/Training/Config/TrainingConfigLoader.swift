@@ -121,6 +121,26 @@ extension TrainingConfig {
                 entries.append((name, v, nil))
             }
         }
+        // Aliases (network_rank → network_dim): read as the kohya key unless that is set too.
+        var notes: [String] = []
+        for (i, e) in entries.enumerated() {
+            guard let target = aliases[e.key] else { continue }
+            if let other = entries.first(where: { $0.key == target }) {
+                guard show(other.value) == show(e.value) else {
+                    throw TrainingConfigError(file: source, key: e.key,
+                        "= \(show(e.value)) and \(target) = \(show(other.value)) disagree; `\(e.key)` is not a kohya option (kohya ignores it) — keep only \(target)")
+                }
+                notes.append("\(e.key): not a kohya option; \(target) = \(show(other.value)) is the rank trained")
+                entries[i].key = ""
+            } else {
+                notes.append("\(e.key) = \(show(e.value)): read as \(target) (the kohya option; kohya itself ignores \(e.key) and would train at rank 4)")
+                entries[i].key = target
+            }
+        }
+        entries.removeAll { $0.key.isEmpty }
+        // sdxl_train.py's learning_rate_te1/te2: the text encoders' rates when text_encoder_lr is not set.
+        let teRates = entries.filter { textEncoderRateKeys.contains($0.key) }
+        entries.removeAll { textEncoderRateKeys.contains($0.key) }
         var seenIn: [String: String] = [:]
         for e in entries {
             let here = e.section.map { "[\($0)]" } ?? "the top level"
@@ -133,6 +153,9 @@ extension TrainingConfig {
 
         var c = TrainingConfig()
         c.sourceFile = source
+        c.notes = notes
+        let given = Dictionary(entries.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
+        var ignored: [String] = []
         var optimizerTypeSet = false, use8bitAdam = false, useLion = false
         for e in entries.sorted(by: { $0.key < $1.key }) {
             let key = e.key, v = e.value
@@ -154,6 +177,7 @@ extension TrainingConfig {
             } else if let note = acceptedWithNote[key] {
                 c.notes.append(note)
             } else if let what = unsupported[key] {
+                if isInert(key, v, given: given) { ignored.append("\(key) = \(show(v))"); continue }
                 throw TrainingConfigError(file: source, key: key,
                     "= \(show(v)): `\(key)` is a kohya option lora-dist does not implement (it \(what)) — remove it")
             } else if loraDistKinds[key] != nil {
@@ -162,6 +186,28 @@ extension TrainingConfig {
             } else {
                 throw unknownKey(key, in: e.section.map { "[\($0)]" } ?? "the top level", file: source,
                                  candidates: Array(kohyaKeys.keys) + loraDistKinds.keys.map { "lora_dist." + $0 })
+            }
+        }
+        if !ignored.isEmpty {
+            c.notes.append("ignored, as they ask for nothing: " + ignored.joined(separator: ", ")
+                           + " (kohya options lora-dist does not implement, at their off or default values)")
+        }
+        if !teRates.isEmpty {
+            let names = teRates.map { "\($0.key) = \(show($0.value))" }.joined(separator: ", ")
+            if c.textEncoderLR != nil {
+                c.notes.append("\(names): sdxl_train.py options (full fine-tuning), which kohya's LoRA trainer ignores; text_encoder_lr applies")
+            } else {
+                var rates: [Double] = []
+                for key in textEncoderRateKeys {
+                    guard let e = teRates.first(where: { $0.key == key }) else { rates.append(c.learningRate); continue }
+                    guard case .floats(let f) = try decode(e.value, as: .floatOrFloats, key: key, file: source), f.count == 1 else {
+                        throw TrainingConfigError(file: source, key: key, "= \(show(e.value)) must be one number")
+                    }
+                    guard f[0] >= 0 else { throw TrainingConfigError(file: source, key: key, "is \(f[0]); a learning rate must be ≥ 0") }
+                    rates.append(f[0])
+                }
+                c.textEncoderLR = rates
+                c.notes.append("\(names): read as text_encoder_lr = \(rates) (sdxl_train.py's names; kohya's LoRA trainer reads text_encoder_lr)")
             }
         }
         // kohya get_optimizer: the legacy switches pick the optimizer when optimizer_type is not given.
@@ -215,6 +261,29 @@ extension TrainingConfig {
 
     func error(_ key: String, _ message: String) -> TrainingConfigError {
         TrainingConfigError(file: sourceFile, key: key, message)
+    }
+
+    /// Whether an unsupported key's value asks for nothing: off, empty, kohya's default, or a part of a feature that
+    /// is not switched on (sampling without a cadence, uploads without a repository id).
+    static func isInert(_ key: String, _ v: TOMLValueConvertible, given: [String: TOMLValueConvertible]) -> Bool {
+        if v.bool == false || v.string?.isEmpty == true || v.array?.isEmpty == true { return true }
+        switch unsupportedDefaults[key] {
+        case .number(let d)?: if (v.int.map(Double.init) ?? v.double) == d { return true }
+        case .string(let d)?: if v.string == d { return true }
+        case nil: break
+        }
+        switch key {
+        case "sample_every_n_steps", "sample_every_n_epochs":
+            return v.int == 0
+        case "sample_prompts", "sample_sampler":
+            let cadence = (given["sample_every_n_steps"]?.int ?? 0) > 0 || (given["sample_every_n_epochs"]?.int ?? 0) > 0
+                || given["sample_at_first"]?.bool == true
+            return !cadence
+        case _ where key.hasPrefix("huggingface_") || key == "async_upload" || key == "save_state_to_huggingface":
+            return (given["huggingface_repo_id"]?.string ?? "").isEmpty
+        default:
+            return false
+        }
     }
 
     /// A TOML value as written, for messages.
