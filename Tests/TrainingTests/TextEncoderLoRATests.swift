@@ -2,6 +2,7 @@ import Foundation
 import SafeTensors
 import SDXL
 import Tensor
+import TestSupport
 @testable import Training
 import XCTest
 
@@ -161,5 +162,35 @@ final class TextEncoderLoRATests: XCTestCase {
             let up = Array(net.parameters[m.upOffset..<m.upOffset + m.upShape.reduce(1, *)])
             XCTAssertLessThan(relErr(up, try file.tensor("adamw.final." + m.upName).scalars), 1e-3, m.name)
         }
+    }
+
+    // A LoRA file with text-encoder modules, written by lora-dist, loads in diffusers (StableDiffusionXLPipeline's
+    // kohya loader + peft: every module applied where kohya means it, no key unused), and the conditioning lora-dist
+    // computes with the file read back (the `eval text --lora` path: LoRAFile.read → the network's adapters on the
+    // text encoders) equals diffusers' (check_diffusers_te_lora.py). Runs where PyTorch + diffusers + peft exist.
+    func testTextEncoderLoRAWeWriteLoadsInDiffusers() throws {
+        let probe = try TestProcesses.run("/usr/bin/env", ["python3", "-c", "import torch, diffusers, peft, transformers"])
+        guard probe.status == 0 else { throw XCTSkip("PyTorch + diffusers + peft not installed: \(probe.output.suffix(200))") }
+        let file = try fixture()
+        let encoders = try textEncoders(file)
+        let trained = try LoRANetwork(unet: nil, textEncoders: encoders, contents: try contents(file))
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("te-diffusers-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let lora = dir.appendingPathComponent("te.safetensors").path
+        try LoRAFile.save(trained, to: lora, dtype: .f16, metadata: ["ss_network_module": "networks.lora", "ss_network_dim": "4",
+                                                                     "ss_base_model_version": "sdxl_base_v1-0"])
+        let read = try LoRAFile.read(lora)
+        XCTAssertEqual(read.modules(of: .textEncoder1).count, 18)
+        XCTAssertEqual(read.modules(of: .textEncoder2).count, 18)
+        let net = try LoRANetwork(unet: nil, textEncoders: encoders, contents: read)
+        let (context, y) = try conditioning(file, encoders)(Tape(recording: false, adapters: net))
+        let pooled = Tape(recording: false).slice(y, axis: 1, start: 0, length: 16).value
+        let out = dir.appendingPathComponent("ours.safetensors").path
+        try writeSafeTensors(["context": context.value, "pooled": pooled], metadata: [:], to: out)
+        let check = try TestProcesses.run("/usr/bin/env", ["python3", TrainingFixtures.path("check_diffusers_te_lora.py"),
+                                                           "--lora", lora, "--compare", out])
+        XCTAssertEqual(check.status, 0, check.output)
+        XCTAssertTrue(check.output.contains("diffusers loaded 36 text-encoder modules into exactly those modules"), check.output)
     }
 }

@@ -130,6 +130,17 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertLessThan(maxDiff, 1e-4 * maxAbs, "np2×b1 vs np1×b2 with text-encoder LoRA")
         let meta = try SafeTensorsFile(path: work.appendingPathComponent("te1/t.safetensors").path).metadata
         XCTAssertEqual(meta["ss_text_encoder_lr"], "[0.0005, 0.001]")
+
+        // `lora-dist eval text --lora` applies the file's text-encoder modules: the conditioning changes.
+        let model = work.appendingPathComponent("cache/builtin-tiny.safetensors").path
+        var outputs: [[Float]] = []
+        for (name, lora) in [("base", [String]()), ("lora", ["--lora", work.appendingPathComponent("te1/t.safetensors").path])] {
+            let out = work.appendingPathComponent("\(name).safetensors").path
+            let r = try run(["eval", "text", "--model", model, "--prompt", "a red circle", "--out", out] + lora)
+            XCTAssertEqual(r.status, 0, r.output)
+            outputs.append(try SafeTensorsFile(path: out).tensor("context").scalars)
+        }
+        XCTAssertNotEqual(outputs[0], outputs[1])
     }
 
     // `lora-dist cache CONFIG` under mpirun builds the plan `lora-dist train` builds: the training run that follows
