@@ -88,13 +88,17 @@ public struct OptimizerError: Error, CustomStringConvertible, Equatable {
     public init(_ description: String) { self.description = description }
 }
 
-/// Runs `body` for every index in `0..<count`, concurrently when the engine has more than one thread.
-/// Each call touches only its own entry's elements and writes its own slot of any per-entry result,
-/// so the outcome does not depend on how many threads run it.
+/// Runs `body` for every index in `0..<count`, on at most `Threads.count` threads (a rank's share of the node under
+/// mpirun, not every core). Each call touches only its own entry's elements and writes its own slot of any per-entry
+/// result, so the outcome does not depend on how many threads run it. Entries are dealt round-robin: neighbouring
+/// entries differ most in size (down, up), so each thread gets a mix.
 func forEachEntryConcurrently(_ count: Int, _ body: (Int) -> Void) {
-    if count <= 1 || Threads.count <= 1 {
+    let threads = min(Threads.count, count)
+    if threads <= 1 {
         for i in 0..<count { body(i) }
         return
     }
-    DispatchQueue.concurrentPerform(iterations: count) { i in body(i) }
+    DispatchQueue.concurrentPerform(iterations: threads) { t in
+        for i in stride(from: t, to: count, by: threads) { body(i) }
+    }
 }
