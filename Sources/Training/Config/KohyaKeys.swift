@@ -4,7 +4,7 @@ import Foundation
 /// Every argument kohya's parser defines (Tests/Fixtures/training/kohya_args.json, read from kohya's source by
 /// make_kohya_args.py) has exactly one entry in `TrainingConfig.kohyaKeys`; TrainingConfigTests checks that.
 public enum KohyaKeyHandling: Sendable, Equatable {
-    /// A `TrainingConfig` field (named by its Swift name) reads it.
+    /// Implemented: its entry in `TrainingConfig.fields` (named by the key) reads it.
     case field(String)
     /// A flat dataset argument: it goes into `datasetArguments` (a `SubsetConfig`), the `[general]` level of the
     /// dataset, as kohya's argparse level does in `BlueprintGenerator.generate`.
@@ -45,80 +45,15 @@ enum ValueKind: Sendable {
 }
 
 extension TrainingConfig {
-    /// Implemented kohya keys → the TOML value kind they take. The loader's `apply` switch sets each one.
-    static let implementedKinds: [String: ValueKind] = [
-        "pretrained_model_name_or_path": .string, "v_parameterization": .bool,
-        "dataset_config": .string, "train_data_dir": .string, "reg_data_dir": .string,
-        "cache_latents": .bool, "cache_latents_to_disk": .bool,
-        "cache_text_encoder_outputs": .bool, "cache_text_encoder_outputs_to_disk": .bool,
-        "max_token_length": .int,
-        "output_dir": .string, "output_name": .string, "save_model_as": .string, "save_precision": .string,
-        "save_every_n_epochs": .int, "save_every_n_steps": .int, "save_last_n_steps": .int, "save_last_n_epochs": .int,
-        "save_state": .bool, "save_state_on_train_end": .bool, "resume": .string,
-        "max_train_steps": .int, "max_train_epochs": .int,
-        "gradient_accumulation_steps": .int, "gradient_checkpointing": .bool, "mixed_precision": .string,
-        "seed": .int, "learning_rate": .float, "unet_lr": .float, "text_encoder_lr": .floatOrFloats,
-        "lr_scheduler": .string, "lr_warmup_steps": .intOrFloat, "lr_scheduler_num_cycles": .int,
-        "lr_scheduler_power": .float, "optimizer_type": .string, "optimizer_args": .strings,
-        "use_8bit_adam": .bool, "use_lion_optimizer": .bool,
-        "max_grad_norm": .float, "noise_offset": .float, "noise_offset_random_strength": .bool,
-        "adaptive_noise_scale": .float, "multires_noise_iterations": .int, "multires_noise_discount": .float,
-        "ip_noise_gamma": .float, "ip_noise_gamma_random_strength": .bool, "min_snr_gamma": .float,
-        "debiased_estimation_loss": .bool, "scale_v_pred_loss_like_noise_pred": .bool, "v_pred_like_loss": .float,
-        "zero_terminal_snr": .bool, "min_timestep": .int, "max_timestep": .int, "loss_type": .string,
-        "huber_schedule": .string, "huber_c": .float, "huber_scale": .float,
-        "log_with": .string, "logging_dir": .string, "log_prefix": .string,
-        "network_module": .string, "network_dim": .int, "network_alpha": .float, "network_dropout": .float,
-        "network_args": .strings, "network_weights": .string, "network_train_unet_only": .bool,
-        "network_train_text_encoder_only": .bool,
-        "metadata_title": .string, "metadata_author": .string, "metadata_description": .string,
-        "metadata_license": .string, "metadata_tags": .string, "metadata_usage_hint": .string,
-        "metadata_thumbnail": .string, "metadata_merged_from": .string, "metadata_trigger_phrase": .string,
-        "metadata_preprocessor": .string, "metadata_is_negative_embedding": .string,
-        "training_comment": .string, "no_metadata": .bool,
-    ]
-
-    /// kohya's flat dataset arguments (add_dataset_arguments) that become the dataset's argparse level, with the
-    /// dataset-config name they stand for (kohya's ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME renames two).
-    static let datasetKinds: [String: (configName: String, kind: ValueKind)] = [
-        "shuffle_caption": ("shuffle_caption", .bool), "caption_separator": ("caption_separator", .string),
-        "caption_extension": ("caption_extension", .string), "keep_tokens": ("keep_tokens", .int),
-        "keep_tokens_separator": ("keep_tokens_separator", .string),
-        "secondary_separator": ("secondary_separator", .string), "enable_wildcard": ("enable_wildcard", .bool),
-        "caption_prefix": ("caption_prefix", .string), "caption_suffix": ("caption_suffix", .string),
-        "flip_aug": ("flip_aug", .bool), "resolution": ("resolution", .resolution),
-        "enable_bucket": ("enable_bucket", .bool), "min_bucket_reso": ("min_bucket_reso", .int),
-        "max_bucket_reso": ("max_bucket_reso", .int), "bucket_reso_steps": ("bucket_reso_steps", .int),
-        "bucket_no_upscale": ("bucket_no_upscale", .bool), "caption_dropout_rate": ("caption_dropout_rate", .float),
-        "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", .int),
-        "caption_tag_dropout_rate": ("caption_tag_dropout_rate", .float),
-        "dataset_repeats": ("num_repeats", .int), "prior_loss_weight": ("prior_loss_weight", .float),
-        // kohya's old misspelling, still read (train_util: `if args.caption_extention is not None: ...`).
-        "caption_extention": ("caption_extension", .string),
-    ]
-
     /// Every kohya sdxl_train_network.py argument and how lora-dist treats it.
     public static let kohyaKeys: [String: KohyaKeyHandling] = {
         var table: [String: KohyaKeyHandling] = [:]
-        for key in implementedKinds.keys { table[key] = .field(swiftName(key)) }
-        for key in datasetKinds.keys { table[key] = .dataset }
+        for key in fields.keys { table[key] = .field(key) }
+        for key in datasetArgumentFields.keys { table[key] = .dataset }
         for (key, note) in acceptedWithNote { table[key] = .note(note) }
         for (key, what) in unsupported { table[key] = .unsupported(what) }
-        // Read by the loader itself: both trainBatchSize and the dataset's batch_size.
-        table["train_batch_size"] = .field("trainBatchSize")
         return table
     }()
-
-    /// kohya `snake_case` → Swift `camelCase` (with the few names the struct spells differently).
-    static func swiftName(_ key: String) -> String {
-        let special = ["unet_lr": "unetLR", "text_encoder_lr": "textEncoderLR", "min_snr_gamma": "minSNRGamma",
-                       "zero_terminal_snr": "zeroTerminalSNR", "dataset_config": "datasetConfigPath",
-                       "use_8bit_adam": "optimizerType", "use_lion_optimizer": "optimizerType"]
-        if let s = special[key] { return s }
-        if key.hasPrefix("metadata_") { return "modelSpecMetadata" }
-        let parts = key.split(separator: "_")
-        return parts.enumerated().map { i, p in i == 0 ? String(p) : p.prefix(1).uppercased() + p.dropFirst() }.joined()
-    }
 
     /// Keys accepted with a one-line note: each only tunes kohya's PyTorch runtime, and lora-dist's own behaviour
     /// (fp32 compute on its own engine, MPI data parallelism, a self-validating latent cache) covers it.

@@ -126,32 +126,8 @@ extension TrainingConfig {
     }
 
     func copyDatasetArgument(_ name: String, into s: inout SubsetConfig) {
-        let a = datasetArguments
-        switch name {
-        case "batch_size": s.batchSize = a.batchSize
-        case "shuffle_caption": s.shuffleCaption = a.shuffleCaption
-        case "caption_separator": s.captionSeparator = a.captionSeparator
-        case "caption_extension": s.captionExtension = a.captionExtension
-        case "keep_tokens": s.keepTokens = a.keepTokens
-        case "keep_tokens_separator": s.keepTokensSeparator = a.keepTokensSeparator
-        case "secondary_separator": s.secondarySeparator = a.secondarySeparator
-        case "enable_wildcard": s.enableWildcard = a.enableWildcard
-        case "caption_prefix": s.captionPrefix = a.captionPrefix
-        case "caption_suffix": s.captionSuffix = a.captionSuffix
-        case "flip_aug": s.flipAug = a.flipAug
-        case "resolution": s.resolution = a.resolution
-        case "enable_bucket": s.enableBucket = a.enableBucket
-        case "min_bucket_reso": s.minBucketReso = a.minBucketReso
-        case "max_bucket_reso": s.maxBucketReso = a.maxBucketReso
-        case "bucket_reso_steps": s.bucketResoSteps = a.bucketResoSteps
-        case "bucket_no_upscale": s.bucketNoUpscale = a.bucketNoUpscale
-        case "caption_dropout_rate": s.captionDropoutRate = a.captionDropoutRate
-        case "caption_dropout_every_n_epochs": s.captionDropoutEveryNEpochs = a.captionDropoutEveryNEpochs
-        case "caption_tag_dropout_rate": s.captionTagDropoutRate = a.captionTagDropoutRate
-        case "num_repeats": s.numRepeats = a.numRepeats
-        case "prior_loss_weight": s.priorLossWeight = a.priorLossWeight
-        default: preconditionFailure("dataset argument \(name) has no copy rule")
-        }
+        guard let copy = Self.datasetArgumentCopies[name] else { preconditionFailure("dataset argument \(name) has no copy rule") }
+        copy(datasetArguments, &s)
     }
 
     // MARK: Resume fingerprint
@@ -165,55 +141,13 @@ extension TrainingConfig {
     public var fingerprint: String {
         var parts: [String] = []
         func add(_ k: String, _ v: Any?) { parts.append("\(k)=\(v.map { String(reflecting: $0) } ?? "nil")") }
-        add("pretrained_model_name_or_path", pretrainedModelNameOrPath)
-        add("v_parameterization", vParameterization)
-        add("dataset_config", datasetConfigPath)
-        add("train_data_dir", trainDataDir)
-        add("reg_data_dir", regDataDir)
+        for (key, field) in Self.fields.sorted(by: { $0.key < $1.key }) where field.fingerprinted {
+            add(key, field.read(self).description)
+        }
         add("dataset_arguments", datasetArguments)
         add("dataset_argument_keys", datasetArgumentKeys.sorted())
-        // The dataset TOML's text (its settings), not the resolved `dataset` (which the trainer fills in later).
+        // The dataset TOML's text (its settings), not the resolved `dataset`.
         add("dataset_config_text", datasetConfigPath.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) })
-        add("max_token_length", maxTokenLength)
-        add("train_batch_size", trainBatchSize)
-        add("gradient_accumulation_steps", gradientAccumulationSteps)
-        add("seed", seed)
-        add("learning_rate", learningRate)
-        add("unet_lr", unetLR)
-        add("text_encoder_lr", textEncoderLR)
-        add("lr_scheduler", lrScheduler)
-        add("lr_warmup_steps", lrWarmupSteps)
-        add("lr_scheduler_num_cycles", lrSchedulerNumCycles)
-        add("lr_scheduler_power", lrSchedulerPower)
-        add("optimizer_type", optimizerType)
-        add("optimizer_args", optimizerArgs)
-        add("max_grad_norm", maxGradNorm)
-        add("noise_offset", noiseOffset)
-        add("noise_offset_random_strength", noiseOffsetRandomStrength)
-        add("adaptive_noise_scale", adaptiveNoiseScale)
-        add("multires_noise_iterations", multiresNoiseIterations)
-        add("multires_noise_discount", multiresNoiseDiscount)
-        add("ip_noise_gamma", ipNoiseGamma)
-        add("ip_noise_gamma_random_strength", ipNoiseGammaRandomStrength)
-        add("min_snr_gamma", minSNRGamma)
-        add("debiased_estimation_loss", debiasedEstimationLoss)
-        add("scale_v_pred_loss_like_noise_pred", scaleVPredLossLikeNoisePred)
-        add("v_pred_like_loss", vPredLikeLoss)
-        add("zero_terminal_snr", zeroTerminalSNR)
-        add("min_timestep", minTimestep)
-        add("max_timestep", maxTimestep)
-        add("loss_type", lossType)
-        add("huber_schedule", huberSchedule)
-        add("huber_c", huberC)
-        add("huber_scale", huberScale)
-        add("network_module", networkModule)
-        add("network_dim", networkDim)
-        add("network_alpha", networkAlpha)
-        add("network_dropout", networkDropout)
-        add("network_args", networkArgs)
-        add("network_weights", networkWeights)
-        add("network_train_unet_only", networkTrainUnetOnly)
-        add("network_train_text_encoder_only", networkTrainTextEncoderOnly)
         add("lora_dist.wire_format", lora.wireFormat.rawValue)
         add("lora_dist.cache_mode", lora.cacheMode.rawValue)
         add("lora_dist.trigger", lora.trigger)
@@ -228,109 +162,6 @@ extension TrainingConfig {
     /// terms: what kohya's argparse namespace would hold. nil for keys that are not implemented. Used for the
     /// defaults test and for `ss_*` metadata.
     public func kohyaValue(of key: String) -> KohyaValue? {
-        func opt<T>(_ v: T?, _ f: (T) -> KohyaValue) -> KohyaValue { v.map(f) ?? .null }
-        let a = datasetArguments
-        switch key {
-        case "pretrained_model_name_or_path": return pretrainedModelNameOrPath.isEmpty ? .null : .string(pretrainedModelNameOrPath)
-        case "v_parameterization": return .bool(vParameterization)
-        case "dataset_config": return opt(datasetConfigPath, KohyaValue.string)
-        case "train_data_dir": return opt(trainDataDir, KohyaValue.string)
-        case "reg_data_dir": return opt(regDataDir, KohyaValue.string)
-        case "cache_latents": return .bool(cacheLatents)
-        case "cache_latents_to_disk": return .bool(cacheLatentsToDisk)
-        case "cache_text_encoder_outputs": return .bool(cacheTextEncoderOutputs)
-        case "cache_text_encoder_outputs_to_disk": return .bool(cacheTextEncoderOutputsToDisk)
-        case "max_token_length": return maxTokenLength == 75 ? .null : .int(maxTokenLength)
-        case "output_dir": return .string(outputDir)
-        case "output_name": return .string(outputName)
-        case "save_model_as": return .string(saveModelAs)
-        case "save_precision": return opt(savePrecision, KohyaValue.string)
-        case "save_every_n_epochs": return opt(saveEveryNEpochs, KohyaValue.int)
-        case "save_every_n_steps": return opt(saveEveryNSteps, KohyaValue.int)
-        case "save_last_n_steps": return opt(saveLastNSteps, KohyaValue.int)
-        case "save_last_n_epochs": return opt(saveLastNEpochs, KohyaValue.int)
-        case "save_state": return .bool(saveState)
-        case "save_state_on_train_end": return .bool(saveStateOnTrainEnd)
-        case "resume": return opt(resume, KohyaValue.string)
-        case "train_batch_size": return .int(trainBatchSize)
-        case "max_train_steps": return .int(maxTrainSteps)
-        case "max_train_epochs": return opt(maxTrainEpochs, KohyaValue.int)
-        case "gradient_accumulation_steps": return .int(gradientAccumulationSteps)
-        case "gradient_checkpointing": return .bool(gradientCheckpointing)
-        case "mixed_precision": return .string(mixedPrecision)
-        case "seed": return opt(seed, KohyaValue.int)
-        case "learning_rate": return .float(learningRate)
-        case "unet_lr": return opt(unetLR, KohyaValue.float)
-        case "text_encoder_lr": return opt(textEncoderLR) { .floats($0) }
-        case "lr_scheduler": return .string(lrScheduler)
-        case "lr_warmup_steps":
-            return lrWarmupSteps < 1 && lrWarmupSteps > 0 ? .float(lrWarmupSteps) : .int(Int(lrWarmupSteps))
-        case "lr_scheduler_num_cycles": return .int(lrSchedulerNumCycles)
-        case "lr_scheduler_power": return .float(lrSchedulerPower)
-        case "optimizer_type": return .string(optimizerType)
-        case "optimizer_args": return optimizerArgs.isEmpty ? .null : .strings(optimizerArgs)
-        case "use_8bit_adam": return .bool(false)
-        case "use_lion_optimizer": return .bool(false)
-        case "max_grad_norm": return .float(maxGradNorm)
-        case "noise_offset": return opt(noiseOffset, KohyaValue.float)
-        case "noise_offset_random_strength": return .bool(noiseOffsetRandomStrength)
-        case "adaptive_noise_scale": return opt(adaptiveNoiseScale, KohyaValue.float)
-        case "multires_noise_iterations": return opt(multiresNoiseIterations, KohyaValue.int)
-        case "multires_noise_discount": return .float(multiresNoiseDiscount)
-        case "ip_noise_gamma": return opt(ipNoiseGamma, KohyaValue.float)
-        case "ip_noise_gamma_random_strength": return .bool(ipNoiseGammaRandomStrength)
-        case "min_snr_gamma": return opt(minSNRGamma, KohyaValue.float)
-        case "debiased_estimation_loss": return .bool(debiasedEstimationLoss)
-        case "scale_v_pred_loss_like_noise_pred": return .bool(scaleVPredLossLikeNoisePred)
-        case "v_pred_like_loss": return opt(vPredLikeLoss, KohyaValue.float)
-        case "zero_terminal_snr": return .bool(zeroTerminalSNR)
-        case "min_timestep": return opt(minTimestep, KohyaValue.int)
-        case "max_timestep": return opt(maxTimestep, KohyaValue.int)
-        case "loss_type": return .string(lossType)
-        case "huber_schedule": return .string(huberSchedule)
-        case "huber_c": return .float(huberC)
-        case "huber_scale": return .float(huberScale)
-        case "log_with": return opt(logWith, KohyaValue.string)
-        case "logging_dir": return opt(loggingDir, KohyaValue.string)
-        case "log_prefix": return opt(logPrefix, KohyaValue.string)
-        case "network_module": return .string(networkModule)
-        case "network_dim": return .int(networkDim)
-        case "network_alpha": return .float(networkAlpha)
-        case "network_dropout": return opt(networkDropout, KohyaValue.float)
-        case "network_args": return networkArgs.isEmpty ? .null : .strings(networkArgs)
-        case "network_weights": return opt(networkWeights, KohyaValue.string)
-        case "network_train_unet_only": return .bool(networkTrainUnetOnly)
-        case "network_train_text_encoder_only": return .bool(networkTrainTextEncoderOnly)
-        case "training_comment": return opt(trainingComment, KohyaValue.string)
-        case "no_metadata": return .bool(noMetadata)
-        // Flat dataset arguments.
-        case "shuffle_caption": return .bool(a.shuffleCaption)
-        case "caption_separator": return .string(a.captionSeparator)
-        case "caption_extension": return .string(a.captionExtension)
-        case "caption_extention": return .null   // only an alias; kohya clears it after copying
-        case "keep_tokens": return .int(a.keepTokens)
-        case "keep_tokens_separator": return .string(a.keepTokensSeparator)
-        case "secondary_separator": return opt(a.secondarySeparator, KohyaValue.string)
-        case "enable_wildcard": return .bool(a.enableWildcard)
-        case "caption_prefix": return opt(a.captionPrefix, KohyaValue.string)
-        case "caption_suffix": return opt(a.captionSuffix, KohyaValue.string)
-        case "flip_aug": return .bool(a.flipAug)
-        case "resolution": return opt(a.resolution, KohyaValue.ints)
-        case "enable_bucket": return .bool(a.enableBucket)
-        case "min_bucket_reso": return .int(a.minBucketReso)
-        case "max_bucket_reso": return .int(a.maxBucketReso)
-        case "bucket_reso_steps": return .int(a.bucketResoSteps)
-        case "bucket_no_upscale": return .bool(a.bucketNoUpscale)
-        case "caption_dropout_rate": return .float(a.captionDropoutRate)
-        case "caption_dropout_every_n_epochs": return .int(a.captionDropoutEveryNEpochs)
-        case "caption_tag_dropout_rate": return .float(a.captionTagDropoutRate)
-        case "dataset_repeats": return .int(a.numRepeats)
-        case "prior_loss_weight": return .float(a.priorLossWeight)
-        default:
-            if key.hasPrefix("metadata_") {
-                return opt(modelSpecMetadata[String(key.dropFirst("metadata_".count))], KohyaValue.string)
-            }
-            return nil
-        }
+        Self.fields[key]?.read(self) ?? Self.datasetArgumentFields[key]?.read(datasetArguments)
     }
 }

@@ -159,21 +159,19 @@ extension TrainingConfig {
         var optimizerTypeSet = false, use8bitAdam = false, useLion = false
         for e in entries.sorted(by: { $0.key < $1.key }) {
             let key = e.key, v = e.value
-            if let kind = implementedKinds[key] {
-                let value = try decode(v, as: kind, key: key, file: source)
+            if let field = fields[key] {
+                let value = try decode(v, as: field.kind, key: key, file: source)
                 if key == "optimizer_type" { optimizerTypeSet = true }
                 if key == "use_8bit_adam", case .bool(let b) = value { use8bitAdam = b; continue }
                 if key == "use_lion_optimizer", case .bool(let b) = value { useLion = b; continue }
-                try c.apply(key: key, value: value, baseDirectory: baseDirectory)
-            } else if key == "train_batch_size" {
-                guard case .int(let n) = try decode(v, as: .int, key: key, file: source) else { continue }
-                guard n >= 1 else { throw c.error(key, "is \(n); it must be at least 1") }
-                c.trainBatchSize = n
-                c.datasetArguments.batchSize = n
-                c.datasetArgumentKeys.insert("batch_size")
-            } else if let d = datasetKinds[key] {
+                try field.apply(&c, value, baseDirectory)
+            } else if let d = datasetArgumentFields[key] {
                 let value = try decode(v, as: d.kind, key: key, file: source)
-                try c.applyDatasetArgument(key: key, configName: d.configName, value: value)
+                try d.apply(&c.datasetArguments, value, c)
+                c.datasetArgumentKeys.insert(d.configName)
+                if key == "caption_extention", case .string(let e) = value {
+                    c.notes.append("caption_extention: read as caption_extension \"\(e)\" (kohya's old spelling)")
+                }
             } else if let note = acceptedWithNote[key] {
                 c.notes.append(note)
             } else if let what = unsupported[key] {
@@ -356,212 +354,6 @@ extension TrainingConfig {
         case .any:
             return .null
         }
-    }
-
-    // MARK: Applying values
-
-    static let optimizers = ["adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion", "prodigy": "Prodigy",
-                             "adafactor": "Adafactor"]
-    static let schedulers = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
-
-    mutating func apply(key: String, value: KohyaValue, baseDirectory: URL) throws {
-        func str() -> String { if case .string(let s) = value { return s }; return "" }
-        func int() -> Int { if case .int(let i) = value { return i }; return 0 }
-        func dbl() -> Double { if case .float(let d) = value { return d }; return 0 }
-        func bool() -> Bool { if case .bool(let b) = value { return b }; return false }
-        func strings() -> [String] { if case .strings(let a) = value { return a }; return [] }
-        func positive(_ n: Int) throws -> Int {
-            guard n >= 1 else { throw error(key, "is \(n); it must be at least 1") }
-            return n
-        }
-        func nonNegative(_ d: Double) throws -> Double {
-            guard d >= 0, d.isFinite else { throw error(key, "is \(d); it must be a finite number ≥ 0") }
-            return d
-        }
-        func oneOf(_ allowed: [String]) throws -> String {
-            let s = str()
-            guard allowed.contains(s) else {
-                throw error(key, "= \"\(s)\" is not one of \(allowed.map { "\"\($0)\"" }.joined(separator: ", "))")
-            }
-            return s
-        }
-        switch key {
-        case "pretrained_model_name_or_path": pretrainedModelNameOrPath = str()
-        case "v_parameterization": vParameterization = bool()
-        case "dataset_config":
-            let path = str()
-            let relative = URL(fileURLWithPath: path, relativeTo: baseDirectory).standardizedFileURL
-            let fm = FileManager.default
-            if path.hasPrefix("/") || fm.fileExists(atPath: relative.path) || !fm.fileExists(atPath: path) {
-                datasetConfigPath = path.hasPrefix("/") ? path : relative.path
-            } else {
-                // kohya reads it relative to the current directory; lora-dist first tries the TOML's folder.
-                datasetConfigPath = URL(fileURLWithPath: path).standardizedFileURL.path
-                notes.append("dataset_config: \(path) is not next to \(sourceFile); using \(datasetConfigPath!) (relative to the current directory, as kohya reads it)")
-            }
-        case "train_data_dir": trainDataDir = str()
-        case "reg_data_dir": regDataDir = str()
-        case "cache_latents": cacheLatents = bool()
-        case "cache_latents_to_disk": cacheLatentsToDisk = bool()
-        case "cache_text_encoder_outputs": cacheTextEncoderOutputs = bool()
-        case "cache_text_encoder_outputs_to_disk": cacheTextEncoderOutputsToDisk = bool()
-        case "max_token_length":
-            guard [150, 225].contains(int()) else {
-                throw error(key, "= \(int()) is not one of 150, 225 (kohya's choices; leave it out for 75)")
-            }
-            maxTokenLength = int()
-        case "output_dir": outputDir = str()
-        case "output_name": outputName = str()
-        case "save_model_as":
-            guard str() == "safetensors" else {
-                throw error(key, "= \"\(str())\": lora-dist writes only \"safetensors\" (kohya's .ckpt/.pt are pickles) — use \"safetensors\"")
-            }
-            saveModelAs = str()
-        case "save_precision": savePrecision = try oneOf(["float", "fp16", "bf16"])
-        case "save_every_n_epochs": saveEveryNEpochs = try positive(int())
-        case "save_every_n_steps": saveEveryNSteps = try positive(int())
-        case "save_last_n_steps": saveLastNSteps = try positive(int())
-        case "save_last_n_epochs": saveLastNEpochs = try positive(int())
-        case "save_state": saveState = bool()
-        case "save_state_on_train_end": saveStateOnTrainEnd = bool()
-        case "resume": resume = str()
-        case "max_train_steps": maxTrainSteps = try positive(int())
-        case "max_train_epochs": maxTrainEpochs = try positive(int())
-        case "gradient_accumulation_steps": gradientAccumulationSteps = try positive(int())
-        case "gradient_checkpointing": gradientCheckpointing = bool()
-        case "mixed_precision":
-            mixedPrecision = try oneOf(["no", "fp16", "bf16"])
-            if mixedPrecision != "no" {
-                notes.append("mixed_precision \(mixedPrecision): lora-dist computes in fp32 (base weights are stored 16-bit or wider); save_precision sets the file's dtype")
-            }
-        case "seed": seed = int()
-        case "learning_rate": learningRate = try nonNegative(dbl())
-        case "unet_lr": unetLR = try nonNegative(dbl())
-        case "text_encoder_lr":
-            // kohya (nargs="*"): none or [] = learning_rate; one number for both encoders; [te1, te2].
-            guard case .floats(let lrs) = value else { break }
-            guard lrs.count <= 2 else { throw error(key, "= \(lrs): SDXL has two text encoders — give one rate, or [te1, te2]") }
-            textEncoderLR = lrs.isEmpty ? nil : try lrs.map(nonNegative)
-        case "lr_scheduler":
-            guard Self.schedulers.contains(str()) else {
-                throw error(key, "= \"\(str())\": lora-dist implements \(Self.schedulers.joined(separator: ", ")) — pick one of those")
-            }
-            lrScheduler = str()
-        case "lr_warmup_steps":
-            switch value {
-            case .int(let n):
-                guard n >= 0 else { throw error(key, "is \(n); it must be ≥ 0") }
-                lrWarmupSteps = Double(n)
-            case .float(let r):
-                // kohya: a float is a ratio of the total steps (int(ratio * steps)); ≥ 1 would be more warmup than run.
-                guard r >= 0, r < 1 else {
-                    throw error(key, "= \(r): a float is a ratio of max_train_steps and must be in [0, 1); write an integer for a number of steps")
-                }
-                lrWarmupSteps = r
-            default: break
-            }
-        case "lr_scheduler_num_cycles": lrSchedulerNumCycles = try positive(int())
-        case "lr_scheduler_power": lrSchedulerPower = dbl()
-        case "optimizer_type":
-            // kohya lower-cases optimizer_type before matching; "" means AdamW (its default).
-            let s = str()
-            if s.isEmpty { optimizerType = "AdamW"; break }
-            guard let name = Self.optimizers[s.lowercased()] else {
-                throw error(key, "= \"\(s)\": lora-dist implements \(Self.optimizers.values.sorted().joined(separator: ", ")) — pick one of those")
-            }
-            optimizerType = name
-        case "optimizer_args":
-            for a in strings() where a.split(separator: "=", omittingEmptySubsequences: false).count < 2 {
-                throw error(key, "entry \"\(a)\" is not key=value (e.g. \"weight_decay=0.01\")")
-            }
-            optimizerArgs = strings()
-        case "max_grad_norm": maxGradNorm = try nonNegative(dbl())
-        case "noise_offset": noiseOffset = dbl()
-        case "noise_offset_random_strength": noiseOffsetRandomStrength = bool()
-        case "adaptive_noise_scale": adaptiveNoiseScale = dbl()
-        case "multires_noise_iterations": multiresNoiseIterations = try positive(int())
-        case "multires_noise_discount": multiresNoiseDiscount = dbl()
-        case "ip_noise_gamma": ipNoiseGamma = dbl()
-        case "ip_noise_gamma_random_strength": ipNoiseGammaRandomStrength = bool()
-        case "min_snr_gamma":
-            guard dbl() > 0 else { throw error(key, "is \(dbl()); it must be > 0 (kohya's papers use 1 to 5)") }
-            minSNRGamma = dbl()
-        case "debiased_estimation_loss": debiasedEstimationLoss = bool()
-        case "scale_v_pred_loss_like_noise_pred": scaleVPredLossLikeNoisePred = bool()
-        case "v_pred_like_loss": vPredLikeLoss = dbl()
-        case "zero_terminal_snr": zeroTerminalSNR = bool()
-        case "min_timestep": minTimestep = int()
-        case "max_timestep": maxTimestep = int()
-        case "loss_type": lossType = try oneOf(["l1", "l2", "huber", "smooth_l1"])
-        case "huber_schedule": huberSchedule = try oneOf(["constant", "exponential", "snr"])
-        case "huber_c": huberC = dbl()
-        case "huber_scale": huberScale = dbl()
-        case "log_with":
-            guard str() == "tensorboard" else {
-                throw error(key, "= \"\(str())\": lora-dist logs to TensorBoard event files and JSONL only (no wandb) — use \"tensorboard\" or remove it")
-            }
-            logWith = str()
-        case "logging_dir": loggingDir = str()
-        case "log_prefix": logPrefix = str()
-        case "network_module":
-            guard str() == "networks.lora" else {
-                throw error(key, "= \"\(str())\": lora-dist trains kohya's networks.lora (LoRA, and LoCon via network_args conv_dim) only — use \"networks.lora\"")
-            }
-            networkModule = str()
-        case "network_dim": networkDim = try positive(int())
-        case "network_alpha": networkAlpha = dbl()
-        case "network_dropout": networkDropout = dbl()
-        case "network_args": networkArgs = strings()
-        case "network_weights": networkWeights = str()
-        case "network_train_unet_only": networkTrainUnetOnly = bool()
-        case "network_train_text_encoder_only": networkTrainTextEncoderOnly = bool()
-        case "training_comment": trainingComment = str()
-        case "no_metadata": noMetadata = bool()
-        default:
-            if key.hasPrefix("metadata_") {
-                modelSpecMetadata[String(key.dropFirst("metadata_".count))] = str()
-            } else {
-                preconditionFailure("implementedKinds has \(key) but apply does not")
-            }
-        }
-    }
-
-    mutating func applyDatasetArgument(key: String, configName: String, value: KohyaValue) throws {
-        var s = datasetArguments
-        switch (configName, value) {
-        case ("shuffle_caption", .bool(let b)): s.shuffleCaption = b
-        case ("caption_separator", .string(let v)): s.captionSeparator = v
-        case ("caption_extension", .string(let v)):
-            if key == "caption_extention" {
-                notes.append("caption_extention: read as caption_extension \"\(v)\" (kohya's old spelling)")
-            }
-            s.captionExtension = v
-        case ("keep_tokens", .int(let n)): s.keepTokens = n
-        case ("keep_tokens_separator", .string(let v)): s.keepTokensSeparator = v
-        case ("secondary_separator", .string(let v)): s.secondarySeparator = v
-        case ("enable_wildcard", .bool(let b)): s.enableWildcard = b
-        case ("caption_prefix", .string(let v)): s.captionPrefix = v
-        case ("caption_suffix", .string(let v)): s.captionSuffix = v
-        case ("flip_aug", .bool(let b)): s.flipAug = b
-        case ("resolution", .ints(let r)):
-            guard r.allSatisfy({ $0 > 0 }) else { throw error(key, "= \(r): sides must be positive") }
-            s.resolution = r
-        case ("enable_bucket", .bool(let b)): s.enableBucket = b
-        case ("min_bucket_reso", .int(let n)): s.minBucketReso = n
-        case ("max_bucket_reso", .int(let n)): s.maxBucketReso = n
-        case ("bucket_reso_steps", .int(let n)): s.bucketResoSteps = n
-        case ("bucket_no_upscale", .bool(let b)): s.bucketNoUpscale = b
-        case ("caption_dropout_rate", .float(let d)): s.captionDropoutRate = d
-        case ("caption_dropout_every_n_epochs", .int(let n)): s.captionDropoutEveryNEpochs = n
-        case ("caption_tag_dropout_rate", .float(let d)): s.captionTagDropoutRate = d
-        case ("num_repeats", .int(let n)):
-            guard n >= 1 else { throw error(key, "is \(n); it must be at least 1") }
-            s.numRepeats = n
-        case ("prior_loss_weight", .float(let d)): s.priorLossWeight = d
-        default: preconditionFailure("datasetKinds maps \(key) to \(configName) with \(value), which is not handled")
-        }
-        datasetArguments = s
-        datasetArgumentKeys.insert(configName)
     }
 
     mutating func applyLoraDist(key: String, value v: TOMLValueConvertible, kind: ValueKind) throws {
