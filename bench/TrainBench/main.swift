@@ -2,7 +2,12 @@
 // case's own). The PyTorch counterpart is bench/train/torch_train.py; bench/train/report.py runs both.
 //
 //   TrainBench --model FILE [--latent 64] [--batch 1] [--rank 16] [--alpha 16] [--checkpointing]
-//              [--steps 3] [--warmup 1] [--threads 2]
+//              [--text-encoders] [--steps 3] [--warmup 1] [--threads 2]
+//
+// --text-encoders (a full checkpoint: make-model --preset sdxl without --unet-only): the text encoders' LoRA is trained
+// too (kohya's default; 264 more modules on SDXL at the same rank): every step runs CLIP-L and bigG forward and
+// backward on a 77-token caption per sample, on the same tape as the UNet, and their modules join the flat buffer.
+// Without it, context and y are fixed random tensors (the frozen-encoder step, whose text side is memoised).
 //
 // A step is what `lora-dist train` does per optimizer step minus data loading and text encoding:
 //   TrainingStep.run (UNet forward with kohya's LoRA on every Linear inside the transformer blocks — 722 modules
@@ -34,6 +39,7 @@ struct Options {
     var steps = 3
     var warmup = 1
     var threads = 2
+    var textEncoders = false
 }
 
 func fail(_ message: String) -> Never {
@@ -64,6 +70,7 @@ func parseOptions() -> Options {
             guard let f = Float(v) else { fail("--alpha \(v): a number is expected") }
             o.alpha = f
         case "--checkpointing": o.checkpointing = true
+        case "--text-encoders": o.textEncoders = true
         case "--steps": o.steps = int(a)
         case "--warmup": o.warmup = int(a)
         case "--threads": o.threads = int(a)
@@ -117,11 +124,14 @@ func benchMain() {
     let unet: UNet
     let network: LoRANetwork
     let optimizer: Optimizer
+    let checkpoint: SDXLCheckpoint
+    var encoders: (CLIPTextEncoderL, OpenCLIPTextEncoderG)? = nil
     do {
-        unet = try SDXLCheckpoint(path: o.model).unet()
-        network = try LoRANetwork(unet: unet, spec: LoRASpec(linearRank: o.rank, linearAlpha: o.alpha), seed: 1)
-        let entries = network.tensorLayout.map { ParameterLayout.Entry(name: $0.name, shape: $0.shape, offset: $0.offset, group: 0) }
-        optimizer = try Optimizers.make(type: "AdamW", args: [], layout: ParameterLayout(entries: entries, groupNames: ["unet"]))
+        checkpoint = try SDXLCheckpoint(path: o.model)
+        unet = try checkpoint.unet()
+        if o.textEncoders { encoders = try checkpoint.textEncoders() }
+        network = try LoRANetwork(unet: unet, textEncoders: encoders, spec: LoRASpec(linearRank: o.rank, linearAlpha: o.alpha), seed: 1)
+        optimizer = try Optimizers.make(type: "AdamW", args: [], layout: network.parameterLayout)
     } catch {
         fail("\(o.model): \(error)")
     }
@@ -138,14 +148,26 @@ func benchMain() {
     let context = Tensor(randomNormal: [b, 77, c.contextDim], seed: 3)      // [B, 77, ctx]
     let y = Tensor(randomNormal: [b, c.admInChannels], seed: 4)             // [B, adm]
     let weights = [Float](repeating: 1, count: b)
+    // With the text encoders: a 20-token caption per sample (BOS, 20 ids, EOS, padding — the tokenizers' layout).
+    let caption = (0..<20).map { 320 + 37 * $0 }
+    let idsL = (0..<b).map { _ in [[49406] + caption + [Int](repeating: 49407, count: 56)] }
+    let idsG = (0..<b).map { _ in [[49406] + caption + [49407] + [Int](repeating: 0, count: 55)] }
+    let sizes = (0..<b).map { _ in (h: 8 * l, w: 8 * l) }
+    let conditioning: (Tape) -> (context: Var, y: Var) = { t in
+        guard let (te1, te2) = encoders else { return (Var(context), Var(y)) }
+        let (ctx, pooled) = Conditioning.encode(t, l: te1, g: te2, idsL: idsL, idsG: idsG, checkpointing: o.checkpointing)
+        return (ctx, Conditioning.y(t, pooled: pooled, originalSize: sizes, cropTopLeft: sizes.map { _ in (0, 0) },
+                                    targetSize: sizes, embedDim: checkpoint.sizeEmbedDim ?? 256))
+    }
 
     var gradients = [Float](repeating: 0, count: network.parameterCount)
+    let rates = [Double](repeating: 1e-4, count: network.models.count)   // one AdamW group per model, lr 1e-4
     var total: [Double] = [], optimizerTimes: [Double] = [], losses: [Double] = []
     for step in 0..<(o.warmup + o.steps) {
         let s0 = now()
         for i in gradients.indices { gradients[i] = 0 }
         let loss = TrainingStep.run(unet: unet, network: network, latents: x0, noise: noise, noisyLatents: noisy,
-                                    timesteps: timesteps, context: context, y: y, sampleWeights: weights,
+                                    timesteps: timesteps, conditioning: conditioning, sampleWeights: weights,
                                     schedule: schedule, loss: LossOptions(), checkpointing: o.checkpointing,
                                     gradients: &gradients)
         // TrainingStep.run leaves Σ over samples; the trainer divides by the samples before the optimizer.
@@ -153,7 +175,7 @@ func benchMain() {
         for i in gradients.indices { gradients[i] *= inv }
         let s1 = now()
         _ = GradientClipping.clip(&gradients, maxNorm: 1.0)
-        optimizer.step(parameters: &network.parameters, gradients: gradients, learningRates: [1e-4])
+        optimizer.step(parameters: &network.parameters, gradients: gradients, learningRates: rates)
         let s2 = now()
         guard loss.loss.isFinite else { fail("step \(step): the loss is not finite (\(loss.loss))") }
         losses.append(Double(loss.loss))
@@ -166,7 +188,7 @@ func benchMain() {
             optimizerTimes.append(s2 - s1)
         }
     }
-    let name = "train\(o.checkpointing ? "+ckpt" : ""):\(l):b\(b):r\(o.rank)"
+    let name = "train\(o.textEncoders ? "+te" : "")\(o.checkpointing ? "+ckpt" : ""):\(l):b\(b):r\(o.rank)"
     emit([("side", jsonString("lora-dist")), ("case", jsonString(name)),
           ("samples", jsonList(total)), ("optimizer_samples", jsonList(optimizerTimes)),
           ("peak_mb", mb(procStatusKB("VmHWM"))), ("rss_loaded_mb", mb(rssLoaded)), ("rss_end_mb", mb(procStatusKB("VmRSS"))),
