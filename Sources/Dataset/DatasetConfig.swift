@@ -47,6 +47,9 @@ public struct SubsetConfig: Equatable, Sendable {
     public var cacheInfo = false                 // dataclass False
     public var alphaMask = false                 // dataclass False; --alpha_mask store_true
     public var priorLossWeight = 1.0             // DreamBoothDatasetParams.prior_loss_weight = 1.0 (argparse only)
+    /// The keys a dataset TOML set for this subset at any of its levels (subset, its dataset, [general]): a training
+    /// TOML's flat dataset arguments (kohya's argparse level) fill only the others.
+    public var explicitKeys: Set<String> = []
 
     public init() {}
 }
@@ -143,13 +146,16 @@ public struct DatasetConfig: Sendable {
                         // resolution, buckets) never come from a subset (not in the subset schema).
                         var c = resolve([sLevel, dsLevel, generalLevel])
                         c.applyDatasetLevel(resolve([dsLevel, generalLevel]))
+                        c.explicitKeys = Set(sLevel.keys).union(dsLevel.keys).union(generalLevel.keys)
                         subsets.append(c)
                     }
                 }
                 datasets.append(subsets)
             }
         }
-        return DatasetConfig(general: resolve([generalLevel]), datasets: datasets, source: file)
+        var general = resolve([generalLevel])
+        general.explicitKeys = Set(generalLevel.keys)
+        return DatasetConfig(general: general, datasets: datasets, source: file)
     }
 
     static func parseLevel(_ t: TOMLTable, schema: [String: Kind], where at: String, file: String,

@@ -19,8 +19,11 @@ public struct DatasetReport: Sendable {
     public let source: String
     public let subsets: [SubsetConfig]
     public let entries: [Entry]
-    /// Every skipped file (scan issues + unreadable images + images no bucket fits), one per line.
+    /// Every skipped file (scan issues + unreadable images + images no bucket fits) and every kept image without a
+    /// caption file, one per line.
     public let issues: [DatasetIssue]
+    /// Kept images smaller than the smallest bucket side (upscaled to their bucket, as kohya does).
+    public let upscaled: [DatasetIssue]
     /// Kept images with no usable caption file (they train on the class token, or an empty caption).
     public let missingCaptions: Int
     /// kohya `set_tag_frequency` counts, summed over subsets, most frequent first (ties by tag).
@@ -64,7 +67,7 @@ public struct DatasetReport: Sendable {
         let subsets = config.subsets
         var issues = scan.issues
         var bucketings: [Int: Bucketing] = [:]
-        var entries: [Entry] = []
+        var entries: [Entry] = [], upscaled: [DatasetIssue] = []
         for img in scan.images {
             let s = subsets[img.subset]
             guard let reso = s.resolution, let w = reso.first else {
@@ -87,15 +90,14 @@ public struct DatasetReport: Sendable {
             do { size = try ImageIO.size(of: img.path) } catch {
                 issues.append(DatasetIssue(path: img.path, reason: "unreadable image: \(error)")); continue
             }
-            // Smaller than the smallest bucket on both sides: kohya would upscale it beyond what carries any
-            // detail, so the report skips it and says so.
-            if !bucketing.config.noUpscale, size.width < bucketing.minSize, size.height < bucketing.minSize {
-                issues.append(DatasetIssue(path: img.path, reason: "\(size.width)x\(size.height) is smaller than the smallest bucket side (\(bucketing.minSize) px)"))
-                continue
-            }
             guard let p = bucketing.choose(width: size.width, height: size.height) else {
                 issues.append(DatasetIssue(path: img.path, reason: "\(size.width)x\(size.height): no bucket fits (too small for bucket_reso_steps \(bucketing.config.step))"))
                 continue
+            }
+            // Smaller than the smallest bucket side: kohya upscales it to cover its bucket (unless bucket_no_upscale),
+            // and so does lora-dist; the report says so (it used to skip such images).
+            if size.width < bucketing.minSize && size.height < bucketing.minSize && p.resizedWidth > size.width {
+                upscaled.append(DatasetIssue(path: img.path, reason: "\(size.width)x\(size.height) upscaled to \(p.resizedWidth)x\(p.resizedHeight) for bucket \(p.bucket.width)x\(p.bucket.height), as kohya does (bucket_no_upscale = true keeps small images small)"))
             }
             entries.append(Entry(image: img, width: size.width, height: size.height, placement: p))
         }
@@ -110,7 +112,7 @@ public struct DatasetReport: Sendable {
             for (k, v) in Captions.tagFrequency(caps) { freq[k, default: 0] += v }
         }
         let tags = freq.map { (tag: $0.key, count: $0.value) }.sorted { ($0.count, $1.tag) > ($1.count, $0.tag) }
-        return DatasetReport(source: config.source, subsets: subsets, entries: entries, issues: issues,
+        return DatasetReport(source: config.source, subsets: subsets, entries: entries, issues: issues, upscaled: upscaled,
                              missingCaptions: entries.filter { $0.image.caption == nil }.count,
                              tagFrequency: tags, batchSize: config.subsets.first?.batchSize ?? 1)
     }
@@ -118,8 +120,12 @@ public struct DatasetReport: Sendable {
     /// The printable report (without the multi-rank arithmetic, which the command adds from its Coordinator).
     public func lines(topTags: Int = 20) -> [String] {
         var out: [String] = ["dataset \(source)"]
-        out.append("images: \(entries.count) found usable, \(issues.count) skipped")
-        for i in issues { out.append("  \(i)") }
+        let kept = Set(entries.map(\.image.path))
+        let skipped = issues.filter { !kept.contains($0.path) }
+        out.append("images: \(entries.count) usable, \(skipped.count) skipped")
+        for i in skipped { out.append("  skipped \(i)") }
+        for i in issues where kept.contains(i.path) { out.append("  note: \(i)") }
+        for i in upscaled { out.append("  note: \(i)") }
         for (i, s) in subsets.enumerated() {
             let n = entries.filter { $0.image.subset == i }.count
             out.append("subset \(i): \(s.imageDir ?? "?") — \(n) images × \(s.numRepeats) repeats"

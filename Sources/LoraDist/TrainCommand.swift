@@ -25,13 +25,21 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Override max_train_steps.") var maxTrainSteps: Int?
     @Flag(help: "Exit with \(StopSignal.requeueExitCode) (EX_TEMPFAIL) after a signal-requested stop (job scripts requeue on it).")
     var requeueOnStop = false
+    @Option(name: .customLong("set"), help: ArgumentHelp("Set a config key (a TOML value), overriding the file: --set max_train_steps=100 --set 'output_name=\"x\"'. kohya's own flag spellings work too: --dataset_config FILE, --optimizer_args weight_decay=0.1 betas=0.9,0.99, --zero_terminal_snr.", valueName: "key=value"))
+    var set: [String] = []
+    @Argument(parsing: .allUnrecognized, help: .hidden) var kohyaFlags: [String] = []
+    @Flag(help: "Refuse the config if the loader had to ignore or reinterpret anything (unknown keys, off values of options lora-dist does not implement, aliases, coerced values); same as [lora_dist] strict = true.")
+    var strict = false
 
     func run() throws {
         RankLogging.bootstrap()
         let log = Logger(label: "train")
         var cfg: TrainingConfig
         do {
-            cfg = try config.map { try TrainingConfig.load(toml: URL(fileURLWithPath: $0)) } ?? TrainingConfig.demo
+            let overrides = try TrainingConfig.commandLineOverrides(kohyaFlags: kohyaFlags, set: set)
+            cfg = try config.map { try TrainingConfig.load(toml: URL(fileURLWithPath: $0), overrides: overrides) }
+                ?? TrainingConfig.demo(overrides: overrides)
+            if strict { cfg.lora.strict = true; try cfg.checkStrict() }
         } catch {
             FileHandle.standardError.write(Data("error: \(error)\n".utf8))
             throw ExitCode.failure
@@ -43,6 +51,7 @@ struct TrainCommand: ParsableCommand {
         if comm.rank == 0 {
             print("lora-dist train: \(config ?? "embedded demo (configs/demo.toml)"), \(comm.size) rank\(comm.size == 1 ? "" : "s"), \(Threads.count) threads each, OpenBLAS \(BLAS.coreName)")
             for note in cfg.notes { print("note: \(note)") }
+            for warning in cfg.warnings { print("warning: \(warning)") }
         }
         let trainer = Trainer(config: cfg, communicator: comm)
         let outcome: TrainingOutcome

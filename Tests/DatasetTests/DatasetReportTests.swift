@@ -26,29 +26,30 @@ final class DatasetReportTests: XCTestCase {
         try png("flat/b.png", 1344, 768, caption: "cat, blue")
         try png("flat/c.png", 600, 900, caption: "dog, red, cat")
         try png("flat/d.png", 2000, 500, caption: nil)                 // no caption: kept, counted as missing
-        try png("flat/tiny.png", 40, 30, caption: "tiny")              // smaller than the smallest bucket side
+        try png("flat/tiny.png", 40, 30, caption: "tiny")              // smaller than its bucket: upscaled, as kohya does
         let corrupt = root.appendingPathComponent("flat/bad.png")
         try Data("not a png at all".utf8).write(to: corrupt)
         try "bad".write(to: root.appendingPathComponent("flat/bad.txt"), atomically: true, encoding: .utf8)
 
         let cfg = DatasetReport.folderConfig(root.appendingPathComponent("flat"), resolution: 1024, batchSize: 2)
         let r = try DatasetReport.make(cfg)
-        XCTAssertEqual(r.entries.count, 4)
-        XCTAssertEqual(Set(r.entries.map { ($0.image.path as NSString).lastPathComponent }), ["a.png", "b.png", "c.png", "d.png"])
+        XCTAssertEqual(r.entries.count, 5)
+        XCTAssertEqual(Set(r.entries.map { ($0.image.path as NSString).lastPathComponent }), ["a.png", "b.png", "c.png", "d.png", "tiny.png"])
+        XCTAssertEqual(r.upscaled.map { ($0.path as NSString).lastPathComponent }, ["tiny.png"], "only images below the smallest bucket side are reported")
         XCTAssertEqual(r.missingCaptions, 1)
         let skipped = r.issues.filter { !$0.reason.hasPrefix("no caption") }
-        XCTAssertEqual(skipped.map { ($0.path as NSString).lastPathComponent }.sorted(), ["bad.png", "tiny.png"])
+        XCTAssertEqual(skipped.map { ($0.path as NSString).lastPathComponent }.sorted(), ["bad.png"])
         XCTAssertTrue(r.issues.contains { $0.path.hasSuffix("d.png") && $0.reason.hasPrefix("no caption") })
 
         // The bucket table agrees with Bucketing.choose on the same sizes.
         let b = try Bucketing(config: BucketConfig(resolution: 1024))
         var expected: [BucketSize: Int] = [:]
-        for (_, w, h) in sizes { expected[b.choose(width: w, height: h)!.bucket, default: 0] += 1 }
+        for (_, w, h) in sizes + [("tiny.png", 40, 30)] { expected[b.choose(width: w, height: h)!.bucket, default: 0] += 1 }
         XCTAssertEqual(Dictionary(uniqueKeysWithValues: r.buckets.map { ($0.bucket, $0.images) }), expected)
         XCTAssertEqual(r.buckets.map(\.samples), r.buckets.map(\.images))   // 1 repeat
         for e in r.entries { XCTAssertEqual(e.placement, b.choose(width: e.width, height: e.height)) }
 
-        // Tags: kohya lower-cases and strips; "cat" on 3 captions, "red" on 2.
+        // Tags: kohya lower-cases and strips; "cat" on 3 captions, "red" on 2 ("tiny" on 1).
         XCTAssertEqual(r.tagFrequency.prefix(2).map(\.tag), ["cat", "red"])
         XCTAssertEqual(r.tagFrequency.prefix(2).map(\.count), [3, 2])
         XCTAssertEqual(r.tagFrequency.first { $0.tag == "sky" }?.count, 1)
@@ -56,9 +57,10 @@ final class DatasetReportTests: XCTestCase {
         // Steps: per bucket ceil(samples / batch 2), summed.
         let steps = r.buckets.reduce(0) { $0 + ($1.samples + 1) / 2 }
         XCTAssertEqual(r.kohyaStepsPerEpoch, steps)
-        XCTAssertTrue(r.stepsLine.hasSuffix("= \(steps) (4 samples)"), r.stepsLine)
+        XCTAssertTrue(r.stepsLine.hasSuffix("= \(steps) (5 samples)"), r.stepsLine)
         let text = r.lines().joined(separator: "\n")
-        XCTAssertTrue(text.contains("images: 4 found usable, 3 skipped"), text)
+        XCTAssertTrue(text.contains("images: 5 usable, 1 skipped"), text)
+        XCTAssertTrue(text.contains("tiny.png: 40x30 upscaled to"), text)
         XCTAssertTrue(text.contains("missing captions: 1"), text)
     }
 
@@ -75,9 +77,21 @@ final class DatasetReportTests: XCTestCase {
     }
 
     func testNoUsableImageIsAnError() throws {
-        try png("only/tiny.png", 16, 16, caption: "x")
-        XCTAssertThrowsError(try DatasetReport.make(DatasetReport.folderConfig(root.appendingPathComponent("only")))) {
-            XCTAssertTrue("\($0)".contains("tiny.png"), "\($0)")
+        let dir = root.appendingPathComponent("only")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try Data("not a png".utf8).write(to: dir.appendingPathComponent("broken.png"))
+        XCTAssertThrowsError(try DatasetReport.make(DatasetReport.folderConfig(dir))) {
+            XCTAssertTrue("\($0)".contains("broken.png"), "\($0)")
         }
+    }
+
+    // An image smaller than the smallest bucket side is upscaled to its bucket, as kohya does (it used to be skipped),
+    // and the report says so; with bucket_no_upscale it keeps its size.
+    func testTinyImageIsUpscaledAsKohya() throws {
+        try png("small/tiny.png", 16, 16, caption: "x")
+        let r = try DatasetReport.make(DatasetReport.folderConfig(root.appendingPathComponent("small")))
+        XCTAssertEqual(r.entries.count, 1)
+        XCTAssertEqual(r.upscaled.count, 1)
+        XCTAssertTrue(r.lines().joined(separator: "\n").contains("16x16 upscaled to"), r.lines().joined(separator: "\n"))
     }
 }

@@ -133,6 +133,9 @@ final class LayoutTests: XCTestCase {
         // Defaults when absent (kohya dataclass / argparse defaults copied into SubsetConfig).
         var d = SubsetConfig(); d.imageDir = "\(root.path)/s3"; d.resolution = [1024, 1024]; d.batchSize = 2
         d.shuffleCaption = true; d.captionExtension = ".cap"; d.keepTokens = 1
+        // What the TOML set at s3's levels (its subset: image_dir; [general]: the rest), which a training TOML's flat
+        // dataset arguments (kohya's argparse level) must not override.
+        d.explicitKeys = ["image_dir", "caption_extension", "shuffle_caption", "batch_size", "keep_tokens", "resolution"]
         XCTAssertEqual(s3, d)
         XCTAssertEqual(d.minBucketReso, 256); XCTAssertEqual(d.maxBucketReso, 1024); XCTAssertEqual(d.bucketResoSteps, 64)
         XCTAssertEqual(SubsetConfig().captionExtension, ".caption"); XCTAssertEqual(SubsetConfig().keepTokensSeparator, "")

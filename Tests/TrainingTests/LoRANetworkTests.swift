@@ -40,6 +40,14 @@ final class LoRANetworkTests: XCTestCase {
         return json.mapValues { $0.map(\.intValue) }
     }
 
+    // LyCORIS's full-rank convention (network_dim = 100000) under networks.lora is refused by name before the buffer is
+    // allocated (it used to trap in an MPI broadcast after the latent cache).
+    func testRankTooLargeForMemoryIsRefused() {
+        XCTAssertThrowsError(try LoRANetwork(unet: sdxlUNet(), spec: LoRASpec(linearRank: 100_000, linearAlpha: 1), seed: 1)) { error in
+            XCTAssertTrue("\(error)".contains("network_dim 100000") && "\(error)".contains("more than this machine's memory"), "\(error)")
+        }
+    }
+
     // kohya's count for SDXL (networks/lora.py, Transformer2DModel Linears): 722 UNet modules.
     func testSDXLLinearTargetsAre722KohyaModules() throws {
         let net = try LoRANetwork(unet: sdxlUNet(), spec: LoRASpec(linearRank: 16, linearAlpha: 8), seed: 1)

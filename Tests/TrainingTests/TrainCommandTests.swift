@@ -182,6 +182,23 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertEqual(try file.tensor("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight").shape, [64, 32])
     }
 
+    // A launch script's kohya flags next to the file, and --set, override it (kohya's read_config_from_file: the command
+    // line wins); a stray word is a named error.
+    func testKohyaFlagsOnTheCommandLine() throws {
+        let images = try squareImages(2)
+        let cfg = try config("flags", images: images, batch: 1, steps: 5)
+        let r = try run(["train", cfg, "--max_train_steps", "2", "--set", "output_name=\"cli\"", "--zero_terminal_snr",
+                         "--v_parameterization", "--threads", "2"])
+        XCTAssertEqual(r.status, 0, r.output)
+        XCTAssertTrue(r.output.contains("2 optimizer steps"), r.output)
+        let meta = try SafeTensorsFile(path: work.appendingPathComponent("flags/cli.safetensors").path).metadata
+        XCTAssertEqual(meta["ss_zero_terminal_snr"], "True")
+        XCTAssertEqual(meta["modelspec.prediction_type"], "v")
+        let bad = try run(["train", cfg, "stray"])
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.output.contains("stray"), bad.output)
+    }
+
     // A seed makes the run deterministic: the demo config in two output folders (its generated model and dataset in each),
     // one rank on 2 threads, gives bit-identical LoRAs. Sample ids are relative to the dataset folder, so where the
     // dataset lives does not change the plan or any random draw.

@@ -121,6 +121,25 @@ final class TrainingLoopTests: XCTestCase {
     }
 }
 
+/// The inputs stage's messages: what a new user gets wrong first.
+final class RunInputsTests: XCTestCase {
+    // A Hugging Face Hub id (kohya downloads it; lora-dist loads local files only) is named as one, with the way out.
+    func testHubIDIsNamed() throws {
+        let work = FileManager.default.temporaryDirectory.appendingPathComponent("inputs-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: work) }
+        let cfg = try TrainingConfig.parse(toml: """
+            pretrained_model_name_or_path = "stabilityai/stable-diffusion-xl-base-1.0"
+            train_data_dir = "builtin:shapes"
+            resolution = 128
+            output_dir = "\(work.path)"
+            """, source: "hub.toml", baseDirectory: work)
+        XCTAssertThrowsError(try RunInputs(config: cfg, communicator: LocalGroup(size: 1).communicator(rank: 0))) { error in
+            let m = "\(error)"
+            XCTAssertTrue(m.contains("looks like a Hugging Face Hub id") && m.contains("huggingface-cli download"), m)
+        }
+    }
+}
+
 /// Lines said by the ranks' threads.
 final class LockedLines: @unchecked Sendable {
     private let lock = NSLock()

@@ -121,11 +121,19 @@ extension TrainingConfig {
             F(key: "max_token_length", kind: .int, fingerprinted: true,
               read: { $0.maxTokenLength == 75 ? .null : .int($0.maxTokenLength) },
               apply: { c, v, _ in
+                  // kohya takes any value from a TOML (argparse's choices 150/225 do not apply there): it tokenises
+                  // to n + 2 ids and cuts them into 75-token chunks at 1, 76, 151, … below n − 73 (library/
+                  // strategy_base.py _get_input_ids), each closed by the sequence's last id — the same ids as
+                  // 75 · ⌈(n − 74) / 75⌉ = 75 · ⌊n / 75⌋ tokens (128 → 75, 255 → 225).
                   guard case .int(let n) = v else { return }
-                  guard [150, 225].contains(n) else {
-                      throw c.error("max_token_length", "= \(n) is not one of 150, 225 (kohya's choices; leave it out for 75)")
+                  guard n >= 75 else {
+                      throw c.error("max_token_length", "= \(n): lora-dist encodes captions in 75-token chunks; use 75 (or leave it out), 150 or 225")
                   }
-                  c.maxTokenLength = n
+                  let chunks = n / 75
+                  c.maxTokenLength = 75 * chunks
+                  if ![75, 150, 225].contains(n) {
+                      c.warnings.append("max_token_length = \(n): kohya's chunking gives \(75 * chunks) tokens (\(chunks) chunk\(chunks == 1 ? "" : "s") of 75); so does lora-dist")
+                  }
               }),
 
             // [training_arguments]
@@ -269,8 +277,8 @@ extension TrainingConfig {
             F(key: "network_module", kind: .string, fingerprinted: true, read: { .string($0.networkModule) },
               apply: { c, v, _ in
                   guard case .string(let s) = v else { return }
-                  guard s == "networks.lora" else {
-                      throw c.error("network_module", "= \"\(s)\": lora-dist trains kohya's networks.lora (LoRA, and LoCon via network_args conv_dim) only — use \"networks.lora\"")
+                  guard s == "networks.lora" || s == "lycoris.kohya" else {
+                      throw c.error("network_module", "= \"\(s)\": lora-dist trains kohya's networks.lora (LoRA, and LoCon via network_args conv_dim), and LyCORIS's lycoris.kohya with algo=lora or locon (the same math) — use one of those")
                   }
                   c.networkModule = s
               }),

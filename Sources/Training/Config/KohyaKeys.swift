@@ -161,11 +161,33 @@ extension TrainingConfig {
     /// sdxl_train.py's per-encoder learning rates (full fine-tuning), which guides also write into LoRA configs.
     static let textEncoderRateKeys = ["learning_rate_te1", "learning_rate_te2"]
 
+    /// Accepted-with-note keys whose note is a warning (kohya warns too): `strict` refuses them.
+    static let warningKeys: Set<String> = ["clip_skip"]
+
+    /// Keys that GUIs and front-ends write into the TOML they hand to kohya, which kohya's parser does not define (and so
+    /// ignores): listed in one line, not one warning each. The value says where they come from, when useful.
+    static let guiKeys: [String: String] = [
+        "sdxl": "kohya_ss GUI's model-type switch", "sdxl_cache_text_encoder_outputs": "kohya_ss GUI",
+        "sdxl_no_half_vae": "kohya_ss GUI", "epoch": "kohya_ss GUI's epoch count (max_train_epochs is kohya's)",
+        "num_cpu_threads_per_process": "accelerate launch option", "stop_text_encoder_training": "kohya_ss GUI",
+        "model_train_type": "lora-scripts", "noise_offset_type": "kohya_ss GUI", "LoRA_type": "kohya_ss GUI",
+        "LyCORIS_preset": "kohya_ss GUI", "additional_parameters": "kohya_ss GUI", "save_every_n_steps_state": "",
+        "use_wandb": "kohya_ss GUI", "wandb_api_key_file": "", "gpu_ids": "accelerate launch option",
+        "multi_gpu": "accelerate launch option", "num_processes": "accelerate launch option",
+        "num_machines": "accelerate launch option", "main_process_port": "accelerate launch option",
+        "dynamo_mode": "accelerate", "dynamo_use_fullgraph": "accelerate", "dynamo_use_dynamic": "accelerate",
+        "extra_accelerate_launch_args": "kohya_ss GUI", "save_as_bool": "kohya_ss GUI",
+        "sample_every_n_steps_state": "", "train_on_input": "kohya_ss GUI", "trainer_type": "",
+        "model_list": "kohya_ss GUI", "flux1_checkbox": "kohya_ss GUI", "sd3_checkbox": "kohya_ss GUI",
+        "v_pred_like_loss_checkbox": "", "mixed_precision_type": "",
+    ]
+
     /// lora-dist's own `[lora_dist]` keys.
     static let loraDistKinds: [String: ValueKind] = [
         "wire_format": .string, "threads_per_rank": .int, "cache_dir": .string, "cache_mode": .string,
         "trigger": .string, "resolutions": .any, "keep_step_saves": .int, "log_every": .int,
         "metrics_file": .string, "max_nonfinite_steps": .int, "parameter_check_every": .int, "keep_states": .int,
+        "strict": .bool,
     ]
 }
 
@@ -174,4 +196,22 @@ enum TOMLDefault: Sendable, Equatable {
     /// A number, written as an integer or a float.
     case number(Double)
     case string(String)
+}
+
+extension TrainingConfig {
+    /// configs/README.md's table of every kohya sdxl_train_network.py option and what lora-dist does with it, made from
+    /// `kohyaKeys` (a test keeps the README's copy equal to this, so the table cannot drift from the code).
+    public static var keyTableMarkdown: String {
+        func row(_ key: String) -> String {
+            switch kohyaKeys[key]! {
+            case .field, .dataset: return "| `\(key)` | honoured |  |"
+            case .note(let n):
+                let why = n.hasPrefix(key + ": ") ? String(n.dropFirst(key.count + 2)) : n
+                return "| `\(key)` | \(warningKeys.contains(key) ? "ignored, with a warning" : "accepted, with a note") | \(why) |"
+            case .unsupported(let what):
+                return "| `\(key)` | refused unless off / default | lora-dist does not implement it: it \(what) |"
+            }
+        }
+        return (["| kohya option | lora-dist | why |", "|---|---|---|"] + kohyaKeys.keys.sorted().map(row)).joined(separator: "\n")
+    }
 }

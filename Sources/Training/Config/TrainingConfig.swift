@@ -135,6 +135,9 @@ public struct TrainingConfig: Sendable {
     /// One line per accepted kohya runtime key (what lora-dist does instead), and other things worth saying at
     /// start; rank 0 prints them.
     public var notes: [String] = []
+    /// What the loader ignored or read other than as written (unknown keys, off values of unimplemented options,
+    /// aliases, coerced values): said once at start; `strict` makes them errors.
+    public var warnings: [String] = []
 
     public init() {}
 }
@@ -165,6 +168,8 @@ public struct LoraDistOptions: Sendable {
     public var parameterCheckEvery = 100
     /// Keep this many resumable state files (kohya keeps every one; 2 here unless set).
     public var keepStates = 2
+    /// Every warning of the config loader is an error (`--strict`).
+    public var strict = false
 
     public init() {}
 }

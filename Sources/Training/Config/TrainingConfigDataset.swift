@@ -1,7 +1,6 @@
 import Crypto
 import Dataset
 import Foundation
-import TOMLKit
 
 extension TrainingConfig {
     // MARK: Dataset
@@ -27,7 +26,7 @@ extension TrainingConfig {
             do { cfg = try DatasetConfig.load(toml: url) } catch let e as DatasetError {
                 throw error("dataset_config", "\(e.description)")
             }
-            try applyArgparseLevel(to: &cfg, datasetTOML: url)
+            applyArgparseLevel(to: &cfg)
         } else if let dir = trainDataDir {
             let url = dir == "builtin:shapes" ? builtinFolder : URL(fileURLWithPath: dir)
             var (subsets, issues) = folderSubsets(url, isReg: false)
@@ -100,25 +99,13 @@ extension TrainingConfig {
 
     /// kohya's argparse level under a dataset TOML: a key the training TOML sets reaches every subset whose own
     /// levels (subset, its dataset, [general]) leave it unset. `prior_loss_weight` exists only as an argument.
-    func applyArgparseLevel(to cfg: inout DatasetConfig, datasetTOML url: URL) throws {
-        guard !datasetArgumentKeys.isEmpty else { return }
-        let root: TOMLTable
-        do { root = try TOMLTable(string: String(contentsOf: url, encoding: .utf8)) } catch {
-            throw self.error("dataset_config", "\(url.path): \(error)")
+    func applyArgparseLevel(to cfg: inout DatasetConfig) {
+        for name in datasetArgumentKeys where !cfg.general.explicitKeys.contains(name) {
+            copyDatasetArgument(name, into: &cfg.general)
         }
-        let general = Set(root["general"]?.table?.keys ?? [])
-        var datasetTables: [TOMLTable] = []
-        if let arr = root["datasets"]?.array { for d in arr { if let t = d.table { datasetTables.append(t) } } }
-        for name in datasetArgumentKeys where !general.contains(name) { copyDatasetArgument(name, into: &cfg.general) }
         for di in cfg.datasets.indices {
-            let dt = di < datasetTables.count ? datasetTables[di] : nil
-            let datasetKeys = Set(dt?.keys ?? [])
-            var subsetTables: [TOMLTable] = []
-            if let arr = dt?["subsets"]?.array { for s in arr { if let t = s.table { subsetTables.append(t) } } }
             for si in cfg.datasets[di].indices {
-                let subsetKeys = Set(si < subsetTables.count ? subsetTables[si].keys : [])
-                let present = general.union(datasetKeys).union(subsetKeys)
-                for name in datasetArgumentKeys where !present.contains(name) {
+                for name in datasetArgumentKeys where !cfg.datasets[di][si].explicitKeys.contains(name) {
                     copyDatasetArgument(name, into: &cfg.datasets[di][si])
                 }
             }

@@ -67,12 +67,61 @@ extension TrainingConfig {
     /// [network_arguments], [optimizer_arguments], [saving_arguments], [sample_prompt_arguments],
     /// [logging_arguments], [sdxl_arguments], ... — like kohya's `read_config_from_file`, any section name is
     /// flattened) or flat; plus lora-dist's own `[lora_dist]` section.
-    public static func load(toml url: URL) throws -> TrainingConfig {
+    public static func load(toml url: URL, overrides: [(key: String, value: TOMLValueConvertible)] = []) throws -> TrainingConfig {
         let text: String
         do { text = try String(contentsOf: url, encoding: .utf8) } catch {
             throw TrainingConfigError(file: url.path, "cannot read the training config: \(error.localizedDescription)")
         }
-        return try parse(toml: text, source: url.path, baseDirectory: url.deletingLastPathComponent())
+        if url.pathExtension.lowercased() == "json" || text.drop(while: \.isWhitespace).first == "{" {
+            throw TrainingConfigError(file: url.path, "this is a JSON file (a kohya_ss GUI preset?), not kohya's training TOML: in the kohya_ss GUI, save the configuration as TOML (or copy the TOML it writes next to the run's output), and give lora-dist that file")
+        }
+        return try parse(toml: text, source: url.path, baseDirectory: url.deletingLastPathComponent(), overrides: overrides)
+    }
+
+    /// kohya's command-line spelling of config keys next to the file, as a launch script passes them
+    /// (`--dataset_config d.toml --optimizer_args weight_decay=0.1 --zero_terminal_snr`), and lora-dist's generic
+    /// `--set key=value` (a TOML value): key/TOML-value pairs that replace the file's (the command line wins, as in
+    /// kohya's read_config_from_file). A flag with no value is `true`; a list key takes every value up to the next flag.
+    public static func commandLineOverrides(kohyaFlags: [String], set: [String]) throws -> [(key: String, value: TOMLValueConvertible)] {
+        var pairs: [(String, String)] = []
+        var i = 0
+        while i < kohyaFlags.count {
+            let flag = kohyaFlags[i]
+            guard flag.hasPrefix("--"), flag.count > 2 else {
+                throw TrainingConfigError(file: "<command line>", "\(flag): expected a kohya option such as --dataset_config FILE (or --set key=value)")
+            }
+            var key = String(flag.dropFirst(2)), values: [String] = []
+            if let eq = key.firstIndex(of: "=") { values = [String(key[key.index(after: eq)...])]; key = String(key[..<eq]) }
+            i += 1
+            while values.isEmpty || isList(key), i < kohyaFlags.count, !kohyaFlags[i].hasPrefix("--") {
+                values.append(kohyaFlags[i]); i += 1
+            }
+            func literal(_ v: String) -> String {
+                if let k = fields[key]?.kind ?? datasetArgumentFields[key]?.kind, [.int, .float, .intOrFloat, .floatOrFloats].contains(k),
+                   Double(v) != nil { return v }
+                return "\"" + v.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"") + "\""
+            }
+            let value = values.isEmpty ? "true" : isList(key) ? "[" + values.map(literal).joined(separator: ", ") + "]" : literal(values[0])
+            pairs.append((key, value))
+        }
+        for s in set {
+            guard let eq = s.firstIndex(of: "="), eq != s.startIndex else {
+                throw TrainingConfigError(file: "<command line>", "--set \(s): expected key=value (a TOML value, e.g. --set max_train_steps=100)")
+            }
+            pairs.append((String(s[..<eq]).trimmingCharacters(in: .whitespaces), String(s[s.index(after: eq)...])))
+        }
+        return try pairs.map { key, text in
+            guard let table = try? TOMLTable(string: "v = \(text)"), let v = table["v"] else {
+                throw TrainingConfigError(file: "<command line>", key: key, "= \(text) is not a TOML value (quote strings: --set 'output_name=\"x\"')")
+            }
+            return (key, v)
+        }
+    }
+
+    /// kohya's nargs="*" options (and the list-valued ones a TOML writes as arrays).
+    static func isList(_ key: String) -> Bool {
+        if let k = fields[key]?.kind { return k == .strings || k == .floatOrFloats }
+        return false
     }
 
     /// Whether `url` is a kohya dataset TOML (`[[datasets]]`, `[general]`) rather than a training TOML.
@@ -81,6 +130,12 @@ extension TrainingConfig {
         let training = table.contains(key: "pretrained_model_name_or_path")
             || table.keys.contains { table[$0]?.table?.contains(key: "pretrained_model_name_or_path") ?? false }
         return table.contains(key: "datasets") && !training
+    }
+
+    /// The embedded demo with command-line overrides.
+    public static func demo(overrides: [(key: String, value: TOMLValueConvertible)]) throws -> TrainingConfig {
+        try parse(toml: demoTOML, source: "<demo>", baseDirectory: URL(fileURLWithPath: FileManager.default.currentDirectoryPath),
+                  overrides: overrides)
     }
 
     /// The embedded demo (configs/demo.toml), parsed against the current directory.
@@ -97,7 +152,8 @@ extension TrainingConfig {
     /// Parses a training TOML's text. `source` names it in errors; `baseDirectory` is where `dataset_config` is
     /// looked for first (the TOML's folder). Other paths stay as written (kohya reads them relative to the
     /// current directory, and so does lora-dist).
-    public static func parse(toml text: String, source: String, baseDirectory: URL) throws -> TrainingConfig {
+    public static func parse(toml text: String, source: String, baseDirectory: URL,
+                             overrides: [(key: String, value: TOMLValueConvertible)] = []) throws -> TrainingConfig {
         let root: TOMLTable
         do { root = try TOMLTable(string: text) } catch let e as TOMLParseError {
             throw TrainingConfigError(file: source, "TOML syntax error at line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
@@ -105,6 +161,12 @@ extension TrainingConfig {
             throw TrainingConfigError(file: source, "not a TOML file: \(error)")
         }
 
+        // LoRA_Easy_Training_Scripts' UI format ([general_args.args], [network_args.args], dataset_args …) is not a kohya
+        // training TOML: kohya cannot read it either (its sections hold tables, not values).
+        let letsSections = root.keys.filter { $0.hasSuffix("_args") && root[$0]?.table?.contains(key: "args") == true }
+        if !letsSections.isEmpty {
+            throw TrainingConfigError(file: source, "this is LoRA_Easy_Training_Scripts' UI format ([\(letsSections.sorted().joined(separator: "], ["))] with `args` tables), which kohya's sd-scripts cannot read either; give lora-dist a kohya training TOML (flat keys, or sections of plain key = value) — the keys inside the `args` tables are kohya's and can be copied into one")
+        }
         // Flatten every section (kohya: "combine all sections into one"); [lora_dist] is ours.
         var entries: [(key: String, value: TOMLValueConvertible, section: String?)] = []
         var loraTable: TOMLTable? = nil
@@ -121,8 +183,13 @@ extension TrainingConfig {
                 entries.append((name, v, nil))
             }
         }
+        // The command line replaces the file's value of a key, wherever the file sets it.
+        for o in overrides {
+            entries.removeAll { $0.key == o.key }
+            entries.append((o.key, o.value, "the command line"))
+        }
         // Aliases (network_rank → network_dim): read as the kohya key unless that is set too.
-        var notes: [String] = []
+        var warnings: [String] = []
         for (i, e) in entries.enumerated() {
             guard let target = aliases[e.key] else { continue }
             if let other = entries.first(where: { $0.key == target }) {
@@ -130,10 +197,10 @@ extension TrainingConfig {
                     throw TrainingConfigError(file: source, key: e.key,
                         "= \(show(e.value)) and \(target) = \(show(other.value)) disagree; `\(e.key)` is not a kohya option (kohya ignores it) — keep only \(target)")
                 }
-                notes.append("\(e.key): not a kohya option; \(target) = \(show(other.value)) is the rank trained")
+                warnings.append("\(e.key): not a kohya option; \(target) = \(show(other.value)) is the rank trained")
                 entries[i].key = ""
             } else {
-                notes.append("\(e.key) = \(show(e.value)): read as \(target) (the kohya option; kohya itself ignores \(e.key) and would train at rank 4)")
+                warnings.append("\(e.key) = \(show(e.value)): read as \(target) (the kohya option; kohya itself ignores \(e.key) and would train at rank 4)")
                 entries[i].key = target
             }
         }
@@ -153,27 +220,35 @@ extension TrainingConfig {
 
         var c = TrainingConfig()
         c.sourceFile = source
-        c.notes = notes
+        c.warnings = warnings
         let given = Dictionary(entries.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
-        var ignored: [String] = []
+        var ignored: [String] = [], ignoredGUI: [String] = []
         var optimizerTypeSet = false, use8bitAdam = false, useLion = false
         for e in entries.sorted(by: { $0.key < $1.key }) {
             let key = e.key, v = e.value
             if let field = fields[key] {
                 let value = try decode(v, as: field.kind, key: key, file: source)
+                if let note = coercionNote(key, v, value) {
+                    c.warnings.append(note)
+                    if value == .null { continue }
+                }
                 if key == "optimizer_type" { optimizerTypeSet = true }
                 if key == "use_8bit_adam", case .bool(let b) = value { use8bitAdam = b; continue }
                 if key == "use_lion_optimizer", case .bool(let b) = value { useLion = b; continue }
                 try field.apply(&c, value, baseDirectory)
             } else if let d = datasetArgumentFields[key] {
                 let value = try decode(v, as: d.kind, key: key, file: source)
+                if let note = coercionNote(key, v, value) {
+                    c.warnings.append(note)
+                    if value == .null { continue }
+                }
                 try d.apply(&c.datasetArguments, value, c)
                 c.datasetArgumentKeys.insert(d.configName)
                 if key == "caption_extention", case .string(let e) = value {
                     c.notes.append("caption_extention: read as caption_extension \"\(e)\" (kohya's old spelling)")
                 }
             } else if let note = acceptedWithNote[key] {
-                c.notes.append(note)
+                if warningKeys.contains(key) { c.warnings.append(note) } else { c.notes.append(note) }
             } else if let what = unsupported[key] {
                 if isInert(key, v, given: given) { ignored.append("\(key) = \(show(v))"); continue }
                 throw TrainingConfigError(file: source, key: key,
@@ -181,19 +256,26 @@ extension TrainingConfig {
             } else if loraDistKinds[key] != nil {
                 throw TrainingConfigError(file: source, key: key,
                     "is a lora-dist setting; move it into the [lora_dist] section")
+            } else if let gui = guiKeys[key] {
+                ignoredGUI.append(gui.isEmpty ? key : "\(key) (\(gui))")
             } else {
-                throw unknownKey(key, in: e.section.map { "[\($0)]" } ?? "the top level", file: source,
-                                 candidates: Array(kohyaKeys.keys) + loraDistKinds.keys.map { "lora_dist." + $0 })
+                // kohya ignores keys its parser does not define; so does lora-dist, saying so (a typo gets a suggestion).
+                let unknown = unknownKey(key, in: e.section.map { "[\($0)]" } ?? "the top level", file: source,
+                                         candidates: Array(kohyaKeys.keys) + loraDistKinds.keys.map { "lora_dist." + $0 })
+                c.warnings.append("`\(key)` = \(show(v)): \(unknown.message); ignored, as kohya ignores it")
             }
         }
         if !ignored.isEmpty {
-            c.notes.append("ignored, as they ask for nothing: " + ignored.joined(separator: ", ")
-                           + " (kohya options lora-dist does not implement, at their off or default values)")
+            c.warnings.append("ignored, as they ask for nothing: " + ignored.joined(separator: ", ")
+                              + " (kohya options lora-dist does not implement, at their off or default values)")
+        }
+        if !ignoredGUI.isEmpty {
+            c.warnings.append("ignored GUI/front-end settings (not kohya options; kohya ignores them too): " + ignoredGUI.joined(separator: ", "))
         }
         if !teRates.isEmpty {
             let names = teRates.map { "\($0.key) = \(show($0.value))" }.joined(separator: ", ")
             if c.textEncoderLR != nil {
-                c.notes.append("\(names): sdxl_train.py options (full fine-tuning), which kohya's LoRA trainer ignores; text_encoder_lr applies")
+                c.warnings.append("\(names): sdxl_train.py options (full fine-tuning), which kohya's LoRA trainer ignores; text_encoder_lr applies")
             } else {
                 var rates: [Double] = []
                 for key in textEncoderRateKeys {
@@ -205,8 +287,13 @@ extension TrainingConfig {
                     rates.append(f[0])
                 }
                 c.textEncoderLR = rates
-                c.notes.append("\(names): read as text_encoder_lr = \(rates) (sdxl_train.py's names; kohya's LoRA trainer reads text_encoder_lr)")
+                c.warnings.append("\(names): read as text_encoder_lr = \(rates) (sdxl_train.py's names; kohya's LoRA trainer reads text_encoder_lr)")
             }
+        }
+        let runtime = c.optimizerArgs.compactMap { $0.split(separator: "=").first.map { $0.trimmingCharacters(in: .whitespaces) } }
+            .filter { AdamW.runtimeOnly.contains($0) }
+        if !runtime.isEmpty && c.optimizerType == "AdamW" {
+            c.notes.append("optimizer_args \(runtime.joined(separator: ", ")): torch.optim.AdamW implementation switches (kernel choice); lora-dist's AdamW computes the same update either way")
         }
         // kohya get_optimizer: the legacy switches pick the optimizer when optimizer_type is not given.
         if use8bitAdam && useLion {
@@ -235,6 +322,7 @@ extension TrainingConfig {
             }
         }
         try c.validate()
+        try c.checkStrict()
         c.datasetSource = c.datasetConfigPath ?? c.trainDataDir ?? ""
         // Resolve the dataset now where that needs nothing the trainer makes (builtin:shapes is written at train
         // time; a missing dataset TOML is reported by datasetConfig(builtinFolder:)), so bad bucket settings and
@@ -243,6 +331,13 @@ extension TrainingConfig {
             c.dataset = try c.datasetConfig(builtinFolder: baseDirectory)
         }
         return c
+    }
+
+    /// With `strict` (`[lora_dist] strict = true`, `lora-dist train --strict`): every warning is an error.
+    public func checkStrict() throws {
+        guard lora.strict, !warnings.isEmpty else { return }
+        throw TrainingConfigError(file: sourceFile, "strict mode: the config has \(warnings.count) warning(s), each an error here:\n  "
+            + warnings.joined(separator: "\n  "))
     }
 
     static func unknownKey(_ key: String, in place: String, file: String, candidates: [String]) -> TrainingConfigError {
@@ -284,6 +379,13 @@ extension TrainingConfig {
         }
     }
 
+    /// The note for a value `decode` read other than as written (a number in a string, "" or false for "not set").
+    static func coercionNote(_ key: String, _ v: TOMLValueConvertible, _ value: KohyaValue) -> String? {
+        if value == .null { return "\(key) = \(show(v)): treated as not set (kohya's code ignores it too)" }
+        if v.string != nil, value != .string(v.string!) { return "\(key) = \(show(v)): read as the number \(value)" }
+        return nil
+    }
+
     /// A TOML value as written, for messages.
     static func show(_ v: TOMLValueConvertible) -> String {
         if let s = v.string { return "\"\(s)\"" }
@@ -305,18 +407,27 @@ extension TrainingConfig {
             }
             return TrainingConfigError(file: file, key: key, "= \(show(v)) is \(got); it must be \(kind.expected)")
         }
+        // kohya applies no argparse type to TOML values; its code then uses them as Python would: a number written
+        // as a string works where kohya computes with it (float("1.0")), "" or false where it tests `if args.x:`.
+        // Those are read as kohya ends up using them (`coercions` says so in a note); anything else is refused.
+        let text = v.string?.trimmingCharacters(in: .whitespaces)
         switch kind {
         case .int:
-            guard let i = v.int else { throw bad() }
-            return .int(i)
+            if let i = v.int { return .int(i) }
+            if text == "" { return .null }
+            if let t = text, let i = Int(t) ?? Double(t).flatMap({ $0.rounded() == $0 ? Int($0) : nil }) { return .int(i) }
+            throw bad()
         case .float:
             if let d = v.double { return .float(d) }
             if let i = v.int { return .float(Double(i)) }
+            if text == "" { return .null }
+            if let t = text, let d = Double(t) { return .float(d) }
             throw bad()
         case .bool:
             guard let b = v.bool else { throw bad() }
             return .bool(b)
         case .string:
+            if v.bool == false { return .null }
             guard let s = v.string else { throw bad() }
             return .string(s)
         case .strings:
@@ -327,6 +438,8 @@ extension TrainingConfig {
         case .intOrFloat:
             if let i = v.int { return .int(i) }
             if let d = v.double { return .float(d) }
+            if text == "" { return .null }
+            if let t = text { if let i = Int(t) { return .int(i) }; if let d = Double(t) { return .float(d) } }
             throw bad()
         case .resolution:
             if let i = v.int { return .ints([i, i]) }
@@ -398,6 +511,9 @@ extension TrainingConfig {
         case "max_nonfinite_steps": lora.maxNonFiniteSteps = try int(atLeast: 1)
         case "parameter_check_every": lora.parameterCheckEvery = try int(atLeast: 0)
         case "keep_states": lora.keepStates = try int(atLeast: 1)
+        case "strict":
+            guard let b = v.bool else { throw bad("true or false") }
+            lora.strict = b
         default: preconditionFailure("loraDistKinds has \(key) but applyLoraDist does not")
         }
     }
@@ -407,6 +523,9 @@ extension TrainingConfig {
     mutating func validate() throws {
         if pretrainedModelNameOrPath.isEmpty {
             throw error("pretrained_model_name_or_path", "is not set — give the SDXL checkpoint (.safetensors), a diffusers folder, or \"builtin:tiny\"")
+        }
+        if datasetConfigPath == nil, trainDataDir?.trimmingCharacters(in: .whitespaces).isEmpty == true {
+            throw error("train_data_dir", "is empty — give the image folder (kohya N_name subfolders, or a flat folder of images with captions), or a dataset_config")
         }
         if datasetConfigPath == nil && trainDataDir == nil {
             throw error("train_data_dir", "is not set and neither is dataset_config — give the image folder (or \"builtin:shapes\"), or a dataset TOML")
@@ -448,10 +567,14 @@ extension TrainingConfig {
         if let r = datasetArguments.resolution, lora.resolutions != nil {
             notes.append("resolution \(r[0]),\(r[1]): replaced by [lora_dist] resolutions \(lora.resolutions!)")
         }
-        _ = try networkOptions
+        warnings += try parseNetwork().warnings
     }
 
     // MARK: Network
+
+    /// LyCORIS switches (lycoris/kohya.py) that select another computation when on; off (their default) they ask for nothing.
+    static let lycorisSwitches = ["use_tucker", "use_scalar", "train_norm", "dora_wd", "bypass_mode", "rs_lora",
+                                  "weight_decompose", "use_cp", "rank_dropout_scale"]
 
     /// kohya network_args names lora-dist does not implement, with what they do.
     static let unsupportedNetworkArgs: [String: String] = [
@@ -465,22 +588,38 @@ extension TrainingConfig {
     /// The network args parsed (kohya networks/lora.py `create_network`): conv_dim, conv_alpha, dropout,
     /// rank_dropout, module_dropout. An unknown or unimplemented arg is an error naming it.
     public var networkOptions: NetworkOptions {
-        get throws {
+        get throws { try parseNetwork().options }
+    }
+
+    /// The network options and what the parse ignored (kohya's create_network reads its kwargs with `.get`, so an
+    /// arg it does not know is ignored; `dropout` in network_args is one of those for networks.lora).
+    func parseNetwork() throws -> (options: NetworkOptions, warnings: [String]) {
+            var warnings: [String] = []
+            // kohya trains the text encoders unless network_train_unet_only; at text_encoder_lr 0 their parameter
+            // groups are skipped ("NO LR skipping!"), so their modules keep lora_up = 0 and change nothing.
+            let teFrozen = textEncoderLR.map { !$0.isEmpty && $0.allSatisfy { $0 == 0 } } ?? false
+            if teFrozen && !networkTrainUnetOnly {
+                warnings.append("text_encoder_lr = 0: kohya leaves the text encoders' modules at their initial values (no effect); lora-dist trains the UNet only and saves its modules")
+            }
             var o = NetworkOptions(linearDim: networkDim, linearAlpha: networkAlpha, dropout: networkDropout,
-                                   trainUNet: !networkTrainTextEncoderOnly, trainTextEncoder: !networkTrainUnetOnly)
-            let known = ["conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout"]
+                                   trainUNet: !networkTrainTextEncoderOnly, trainTextEncoder: !networkTrainUnetOnly && !teFrozen)
+            let lycoris = networkModule == "lycoris.kohya"
+            let known = ["conv_dim", "conv_alpha", "rank_dropout", "module_dropout"]
+                + (lycoris ? ["algo", "preset", "dropout"] + Self.lycorisSwitches : [])
             var seen: Set<String> = []
+            var algo = "lora"
             for arg in networkArgs {
-                // kohya: key, value = net_arg.split("=") — exactly one "=".
-                let parts = arg.split(separator: "=", omittingEmptySubsequences: false).map {
+                // kohya: key, value = net_arg.split("=", 1).
+                let parts = arg.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map {
                     String($0).trimmingCharacters(in: .whitespaces)
                 }
-                guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+                guard parts.count == 2, !parts[0].isEmpty else {
                     throw error("network_args", "entry \"\(arg)\" is not key=value (e.g. \"conv_dim=8\")")
                 }
                 let (k, v) = (parts[0], parts[1])
-                guard !seen.contains(k) else { throw error("network_args", "sets \(k) twice — keep one") }
-                seen.insert(k)
+                if !seen.insert(k).inserted {
+                    warnings.append("network_args sets \(k) twice; the last (\(v)) applies, as in kohya's dict")
+                }
                 func number() throws -> Double {
                     guard let d = Double(v), d.isFinite else {
                         throw error("network_args", "\(k)=\(v): \(v) is not a number")
@@ -500,16 +639,48 @@ extension TrainingConfig {
                     }
                     o.convDim = n
                 case "conv_alpha": o.convAlpha = try number()
-                case "dropout": o.dropout = try rate()
                 case "rank_dropout": o.rankDropout = try rate()
                 case "module_dropout": o.moduleDropout = try rate()
+                case "dropout" where lycoris:
+                    // LyCORIS applies it only in bypass mode (locon.py), which is off by default.
+                    if (Double(v) ?? 0) != 0 { warnings.append("network_args dropout=\(v): LyCORIS applies no dropout outside bypass mode; ignored, as there") }
+                case "dropout":
+                    warnings.append("network_args dropout=\(v): ignored — kohya's networks.lora reads network_dropout, not this arg (it is LyCORIS's)")
+                case "algo" where lycoris:
+                    // lycoris/wrapper.py: lora and locon are the same LoConModule; kohya's LoRA/LoCon math.
+                    guard ["lora", "locon"].contains(v.lowercased()) else {
+                        throw error("network_args", "algo=\(v): lora-dist trains LyCORIS's lora/locon only (the same math as networks.lora); \(v) (LoHa, LoKr, IA3, DyLoRA, …) is another adapter kind")
+                    }
+                    algo = v.lowercased()
+                case "preset" where lycoris:
+                    guard v == "full" else {
+                        throw error("network_args", "preset=\(v): lora-dist trains LyCORIS's default preset \"full\" (kohya's targets with the ResBlock convs) only")
+                    }
+                case _ where lycoris && Self.lycorisSwitches.contains(k):
+                    guard ["false", "0", "none"].contains(v.lowercased()) else {
+                        throw error("network_args", "\(k)=\(v): a LyCORIS variant lora-dist does not implement (off by default) — remove it")
+                    }
                 default:
                     if let what = Self.unsupportedNetworkArgs[k] {
                         throw error("network_args", "\(k) is a kohya network arg lora-dist does not implement (\(what)) — remove it")
                     }
                     let guess = closestKey(to: k, in: known + Array(Self.unsupportedNetworkArgs.keys))
-                    throw error("network_args", "unknown network arg \(k)"
-                        + (guess.map { "; did you mean \($0)?" } ?? " (networks.lora reads \(known.joined(separator: ", ")))"))
+                    warnings.append("network_args \(k)=\(v): not an arg of kohya's networks.lora, which ignores it; so does lora-dist"
+                        + (guess.map { " (did you mean \($0)?)" } ?? ""))
+                }
+            }
+            if lycoris {
+                // lycoris/kohya.py: the "full" preset always adapts ResBlocks, Downsample and Upsample; conv_dim and
+                // conv_alpha default to network_dim and network_alpha (kohya's networks.lora: no convs, alpha 1).
+                // network_dropout reaches LyCORIS as `dropout`, a no-op outside bypass mode; rank_dropout differs.
+                if o.convDim == nil { o.convDim = networkDim }
+                if o.convAlpha == nil { o.convAlpha = networkAlpha }
+                if let d = networkDropout, d != 0 {
+                    warnings.append("network_dropout \(d): LyCORIS (algo=\(algo)) applies no dropout outside bypass mode; ignored, as there")
+                }
+                o.dropout = nil
+                if let r = o.rankDropout, r != 0 {
+                    throw error("network_args", "rank_dropout=\(r): LyCORIS drops rows of the weight update (not kohya's per-sample ranks), which lora-dist does not implement — remove it")
                 }
             }
             // kohya: conv_alpha defaults to 1.0 when conv_dim is given; conv_alpha alone does nothing there.
@@ -520,7 +691,6 @@ extension TrainingConfig {
             if let d = o.dropout, !(0..<1).contains(d) {
                 throw error("network_dropout", "is \(d); a dropout rate must be in [0, 1)")
             }
-            return o
-        }
+            return (o, warnings)
     }
 }

@@ -164,7 +164,7 @@ public final class LoRANetwork: LayerAdapters {
     }
 
     /// The modules `choose` gives a (rank, alpha) for, in target order, all parameters zero.
-    init(targets: [LoRATarget], spec: LoRASpec, choose: (LoRATarget) throws -> (rank: Int, alpha: Float)?) rethrows {
+    init(targets: [LoRATarget], spec: LoRASpec, choose: (LoRATarget) throws -> (rank: Int, alpha: Float)?) throws {
         self.spec = spec
         var modules: [LoRAModule] = []
         var offset = 0
@@ -180,6 +180,14 @@ public final class LoRANetwork: LayerAdapters {
                                       part: target.part, parts: target.parts, rank: rank, alpha: alpha,
                                       downShape: downShape, upShape: upShape, downOffset: offset, upOffset: offset + down))
             offset += down + upShape.reduce(1, *)
+        }
+        // The flat buffer, its gradient and (at most) two optimizer moments live in memory: refuse a network that cannot,
+        // before allocating it (LyCORIS's full-rank convention network_dim = 100000 under networks.lora, for one).
+        let bytes = Double(offset) * 4 * 4
+        guard bytes < Double(ProcessInfo.processInfo.physicalMemory) else {
+            throw LoRANetworkError("network_dim \(spec.linearRank)\(spec.convRank.map { " / conv_dim \($0)" } ?? ""): the LoRA would have "
+                + "\(offset) parameters (\(String(format: "%.0f", bytes / 1e9)) GB with its gradient and optimizer state), more than this "
+                + "machine's memory. Ranks of 4–128 are usual for networks.lora (network_dim = 100000 is LyCORIS's full-rank LoKr convention)")
         }
         self.modules = modules
         var byPath: [String: [Int]] = [:]

@@ -31,13 +31,22 @@ public final class AdamW: Optimizer {
         maxExpAvgSq = amsgrad ? [Float](repeating: 0, count: layout.totalCount) : []
     }
 
+    /// torch.optim.AdamW arguments that pick an implementation (foreach/fused kernels, CUDA-graph capture, autograd
+    /// through the step) and leave the update unchanged.
+    public static let runtimeOnly = ["foreach", "fused", "capturable", "differentiable"]
+
     convenience init(layout: ParameterLayout, args: OptimizerArgs) throws {
         var a = args
         let betas = try a.doubles("betas", [0.9, 0.999], counts: 2...2)
         let eps = try a.double("eps", 1e-8)
         let wd = try a.double("weight_decay", 0.01)
         let ams = try a.bool("amsgrad", false)
-        try a.finish(optimizer: "AdamW (torch.optim.AdamW)", accepted: AdamW.accepted)
+        // torch.optim.AdamW's implementation switches (which kernel runs, not what it computes): accepted, unused.
+        for runtime in AdamW.runtimeOnly { _ = try a.bool(runtime, false) }
+        guard try !a.bool("maximize", false) else {
+            throw OptimizerError("--optimizer_args maximize=True (gradient ascent) is not implemented in lora-dist's AdamW")
+        }
+        try a.finish(optimizer: "AdamW (torch.optim.AdamW)", accepted: AdamW.accepted + AdamW.runtimeOnly + ["maximize"])
         try self.init(layout: layout, betas: (betas[0], betas[1]), eps: eps, weightDecay: wd, amsgrad: ams)
     }
 

@@ -52,6 +52,11 @@ public struct RunInputs {
         }
         try communicator.barrier()
         guard fm.fileExists(atPath: modelPath) else {
+            let parts = modelPath.split(separator: "/", omittingEmptySubsequences: false)
+            if parts.count == 2, !modelPath.hasPrefix("."), !modelPath.contains("\\"), !modelPath.hasSuffix(".safetensors"),
+               parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy { $0.isLetter || $0.isNumber || "-_.".contains($0) } }) {
+                throw TrainingError("pretrained_model_name_or_path = \"\(modelPath)\" looks like a Hugging Face Hub id; lora-dist loads local files only (nothing is downloaded at run time): download the single-file checkpoint (.safetensors) or the diffusers folder first, e.g. `huggingface-cli download \(modelPath) --local-dir models/\(parts[1])`, and give its path")
+            }
             throw TrainingError("pretrained_model_name_or_path: \(modelPath) does not exist (lora-dist loads local files only: a .safetensors checkpoint or a diffusers folder; `lora-dist make-model --preset sdxl --out FILE` makes a random-weight stand-in)")
         }
         self.modelPath = modelPath
