@@ -123,9 +123,9 @@ public struct DatasetReport: Sendable {
         let kept = Set(entries.map(\.image.path))
         let skipped = issues.filter { !kept.contains($0.path) }
         out.append("images: \(entries.count) usable, \(skipped.count) skipped")
-        for i in skipped { out.append("  skipped \(i)") }
-        for i in issues where kept.contains(i.path) { out.append("  note: \(i)") }
-        for i in upscaled { out.append("  note: \(i)") }
+        for i in skipped { out.append("  \(i)") }
+        for i in issues where kept.contains(i.path) { out.append("  note: \(i.path): \(i.reason)") }
+        for i in upscaled { out.append("  note: \(i.path): \(i.reason)") }
         for (i, s) in subsets.enumerated() {
             let n = entries.filter { $0.image.subset == i }.count
             out.append("subset \(i): \(s.imageDir ?? "?") — \(n) images × \(s.numRepeats) repeats"

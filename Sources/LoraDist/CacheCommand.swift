@@ -126,7 +126,7 @@ struct CacheCommand: ParsableCommand {
             log.info("this rank: \(caching.local.hits) hits, \(caching.local.misses) misses, \(caching.local.rebuilt.count) rebuilt")
             let seconds = Date().timeIntervalSince(start)
             if rank == 0 {
-                for issue in plan.issues { print("skipped \(issue)") }
+                for issue in plan.issues { print("dataset: \(issue)") }
                 let encoded = caching.misses + caching.rebuilt
                 print("latent cache \(inputs.latentFolder.path): \(caching.hits + encoded) latents, \(caching.hits) hits, \(caching.misses) misses, "
                       + "\(caching.rebuilt) rebuilt (reasons logged by their owner ranks); \(comm.size) ranks, "

@@ -75,7 +75,7 @@ final class TrainingStages {
 
         // Stage 1: the plan (the dataset resolved once: at config load, or here for the built-in one).
         plan = try TrainingPlan(config: config, dataset: inputs.dataset, worldSize: communicator.size)
-        for issue in plan.issues { say("skipped \(issue)") }
+        for issue in plan.issues { say("dataset: \(issue)") }
 
         // Models and the network: the text encoders feed every step; their LoRA modules exist when they are trained.
         let net = try config.networkOptions

@@ -14,7 +14,7 @@ public struct TrainingPlan {
     public let coordinator: Coordinator
     public let totalSteps: Int
     public let totalEpochs: Int
-    /// The dataset's problems (images skipped), each once.
+    /// What the dataset scan reported (images skipped, kept without a caption, upscaled), each once.
     public let issues: [String]
     /// The first resolution's report: subsets and the batch size (kohya: a dataset TOML's batch_size, else
     /// train_batch_size).
@@ -35,7 +35,11 @@ public struct TrainingPlan {
                 cfg.datasets = cfg.datasets.map { $0.map { var s = $0; s.resolution = [r, r]; return s } }
             }
             let rep = try DatasetReport.make(cfg)
-            for issue in rep.issues where seen.insert(issue.description).inserted { issues.append(issue.description) }
+            let kept = Set(rep.entries.map(\.image.path))
+            for line in rep.issues.map({ kept.contains($0.path) ? "\($0.path): \($0.reason)" : $0.description })
+                + rep.upscaled.map({ "\($0.path): \($0.reason)" }) where seen.insert(line).inserted {
+                issues.append(line)
+            }
             for e in rep.entries { samples[Self.sampleID(e, subsets: rep.subsets, resolution: r)] = e }
             reports.append((r, rep))
         }
