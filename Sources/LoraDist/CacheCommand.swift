@@ -44,7 +44,7 @@ struct CacheCommand: ParsableCommand {
     @OptionGroup var engine: EngineOptions
     @Argument(help: "A training TOML (what `lora-dist train` takes), or a kohya dataset TOML, a folder (flat, or kohya img/N_name/ subfolders), or builtin:shapes.")
     var config: String
-    @Option(help: "The SDXL checkpoint whose VAE encodes (default: the training TOML's pretrained_model_name_or_path).") var model: String?
+    @Option(help: "The SDXL checkpoint whose VAE encodes (default: the training TOML's pretrained_model_name_or_path; its `vae` key, when set, names the VAE).") var model: String?
     @Option(help: "The cache folder: latents go to DIR/latents, where `lora-dist train` with [lora_dist] cache_dir = DIR reads them (default: the training TOML's cache_dir, else output_dir/cache).")
     var cacheDir: String?
     @Option(help: "Training resolution when CONFIG is a folder.") var resolution = 1024
@@ -104,21 +104,16 @@ struct CacheCommand: ParsableCommand {
             // The plan `lora-dist train` makes: the same sample ids, seed and world size give the same owner ranks.
             let plan = try TrainingPlan(config: cfg, dataset: inputs.dataset, worldSize: comm.size)
             let ckpt = try SDXLCheckpoint(path: inputs.modelPath)
-            let vaeConfig = try ckpt.vae().config
-            // LatentKey's latent shape is [4, H/8, W/8] (SDXL's VAE); refuse any other VAE before encoding anything.
-            guard vaeConfig.downsamplingFactor == 8, vaeConfig.zChannels == 4 else {
-                throw TrainingError("\(inputs.modelPath): the VAE downsamples by \(vaeConfig.downsamplingFactor) with "
-                    + "\(vaeConfig.zChannels) latent channels; the latent cache stores SDXL's [4, H/8, W/8]")
-            }
+            let encoder = try LatentEncoder(checkpoint: ckpt, vaeFile: cfg.vae)
             let cache = try LatentCache(storage: .disk(inputs.latentFolder))
             let start = Date()
-            let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: try LatentCache.vaeIdentity(weightsPath: ckpt.path),
-                                            communicator: comm, vae: { try ckpt.vae() }, progress: { n, mine in
+            let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: encoder.identity,
+                                            communicator: comm, vae: encoder.load, progress: { n, mine in
                 let rate = Double(n) / max(Date().timeIntervalSince(start), 1e-9)
                 progress.info("encoded \(n)/\(mine) (this rank's share), \(String(format: "%.2f", rate)) images/s")
             })
             if verbose {
-                for j in try plan.latentJobs(vaeIdentity: try LatentCache.vaeIdentity(weightsPath: ckpt.path)) where j.owner == rank {
+                for j in try plan.latentJobs(vaeIdentity: encoder.identity) where j.owner == rank {
                     log.info("owns \(j.job.key.fileName) \(j.job.key)")
                 }
             }

@@ -222,6 +222,42 @@ final class DiffusersLayoutTests: XCTestCase {
 
     /// A diffusers key in no row, or one whose canonical name no network binds, fails the strict load, named
     /// both ways; so does a mis-shaped tensor.
+    // kohya's --vae file in the layouts it comes in — single-file with and without `first_stage_model.`, diffusers'
+    // AutoencoderKL names (the reference pairs' inverse, as diffusers' converter writes them), a diffusers vae/ folder
+    // with its config's scaling_factor — reads back the fixture's tensors bit for bit and binds strictly.
+    func testVAEFileLayouts() throws {
+        let all = try Self.canonicalTensors(textDType: .f32)
+        let canonical = all.filter { $0.key.hasPrefix("first_stage_model.") }
+        let diffusers = Self.diffusersTensors(all, try Self.reference("tiny"))[.vae]!
+        let plain = Dictionary(uniqueKeysWithValues: canonical.map { (String($0.key.dropFirst("first_stage_model.".count)), $0.value) })
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let folder = dir.appendingPathComponent("vae")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        try writeSafeTensors(diffusers, metadata: [:], to: folder.appendingPathComponent("diffusion_pytorch_model.safetensors").path)
+        try Data("{\"scaling_factor\": 0.5}".utf8).write(to: folder.appendingPathComponent("config.json"))
+        var paths: [String] = []
+        for (name, tensors) in [("prefixed", canonical), ("ldm", plain), ("diffusers", diffusers)] {
+            let path = dir.appendingPathComponent("\(name).safetensors").path
+            try writeSafeTensors(tensors, metadata: [:], to: path)
+            paths.append(path)
+        }
+        for path in paths + [folder.path] {
+            let file = try VAEFile(path: path)
+            XCTAssertEqual(Set(file.keys), Set(canonical.keys), path)
+            for (key, expected) in canonical {
+                let got = try XCTUnwrap(try file.tensor(key, expectedShape: expected.shape), key)
+                XCTAssertEqual(got.shape, expected.shape, key)
+                XCTAssertTrue(Self.bytes(got) == Self.bytes(expected), "\(path): \(key) differs")
+            }
+            let vae = try file.vae()
+            XCTAssertEqual(vae.config.scalingFactor, path == folder.path ? 0.5 : VAEConfig.sdxl.scalingFactor, path)
+        }
+        // Not a VAE: named.
+        let unet = dir.appendingPathComponent("not-vae.safetensors").path
+        try writeSafeTensors(["encoder.down_blocks.0.bogus.weight": Tensor(zeros: [2])], metadata: [:], to: unet)
+        XCTAssertThrowsError(try VAEFile(path: unet)) { XCTAssertTrue("\($0)".contains("AutoencoderKL"), "\($0)") }
+    }
+
     func testExtraAndMisshapedKeysAreNamedErrors() throws {
         var tensors = try folderTensors()
         tensors[.unet]!["down_blocks.0.resnets.0.extra_norm.weight"] = Tensor(zeros: [8])

@@ -199,6 +199,29 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertTrue(bad.output.contains("stray"), bad.output)
     }
 
+    // kohya's `vae = FILE`: the latents are encoded by that VAE (here the tiny checkpoint's own VAE saved alone, without
+    // the single-file prefix), and the cache keys carry the VAE's identity, so the checkpoint's latents are not reused.
+    func testExternalVAEEncodesTheLatents() throws {
+        let images = try squareImages(2)
+        let first = try run(["train", try config("own-vae", images: images, batch: 1, steps: 1), "--threads", "2"])
+        XCTAssertEqual(first.status, 0, first.output)
+        XCTAssertTrue(first.output.contains(": 0 reused, 2 encoded"), first.output)
+        let model = try SafeTensorsFile(path: work.appendingPathComponent("cache/builtin-tiny.safetensors").path)
+        var vae: [String: Tensor] = [:]
+        for name in model.names where name.hasPrefix("first_stage_model.") {
+            vae[String(name.dropFirst("first_stage_model.".count))] = try model.tensor(name)
+        }
+        let vaePath = work.appendingPathComponent("vae.safetensors").path
+        try writeSafeTensors(vae, metadata: [:], to: vaePath)
+        let second = try run(["train", try config("file-vae", images: images, batch: 1, steps: 1, extra: "vae = \"\(vaePath)\""),
+                              "--threads", "2"])
+        XCTAssertEqual(second.status, 0, second.output)
+        XCTAssertTrue(second.output.contains(": 0 reused, 2 encoded"), second.output)
+        let missing = try run(["train", try config("no-vae", images: images, batch: 1, steps: 1, extra: "vae = \"/nonexistent/vae.safetensors\"")])
+        XCTAssertNotEqual(missing.status, 0)
+        XCTAssertTrue(missing.output.contains("vae: /nonexistent/vae.safetensors does not exist"), missing.output)
+    }
+
     // A seed makes the run deterministic: the demo config in two output folders (its generated model and dataset in each),
     // one rank on 2 threads, gives bit-identical LoRAs. Sample ids are relative to the dataset folder, so where the
     // dataset lives does not change the plan or any random draw.

@@ -39,3 +39,40 @@ public struct LatentCaching {
         self.keys = keys
     }
 }
+
+/// The VAE that encodes a run's latents: kohya's `--vae` file when given, else the checkpoint's own — its shape
+/// (read from the file, nothing loaded) and its identity (what the latent cache keys carry, so a latent encoded by
+/// another VAE is never reused).
+public struct LatentEncoder {
+    public let config: VAEConfig
+    public let identity: String
+    public let load: () throws -> VAE
+
+    public init(checkpoint: SDXLCheckpoint, vaeFile: String?) throws {
+        if let vaeFile {
+            guard FileManager.default.fileExists(atPath: vaeFile) else {
+                throw TrainingError("vae: \(vaeFile) does not exist (a VAE .safetensors — single-file or diffusers names — or a diffusers vae/ folder)")
+            }
+            let file = try VAEFile(path: vaeFile)
+            var config: VAEConfig
+            do { config = try VAEConfig.infer(shapes: file.shapes) } catch {
+                throw TrainingError("vae: \(vaeFile) is not an SDXL VAE: \(error)")
+            }
+            if let s = file.scalingFactor { config.scalingFactor = s }
+            self.config = config
+            identity = try LatentCache.vaeIdentity(weightsPath: file.sourceName)
+            load = { try file.vae() }
+        } else {
+            guard let config = checkpoint.vaeConfig else {
+                throw TrainingError("\(checkpoint.path) has no VAE (first_stage_model.*): give one with vae = FILE")
+            }
+            self.config = config
+            identity = try LatentCache.vaeIdentity(weightsPath: checkpoint.path)
+            load = { try checkpoint.vae() }
+        }
+        // LatentKey's latent shape is [4, H/8, W/8] (SDXL's VAE).
+        guard config.downsamplingFactor == 8, config.zChannels == 4 else {
+            throw TrainingError("the VAE downsamples by \(config.downsamplingFactor) with \(config.zChannels) latent channels; SDXL's latents are [4, H/8, W/8]")
+        }
+    }
+}

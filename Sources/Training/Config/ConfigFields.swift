@@ -97,6 +97,7 @@ extension TrainingConfig {
               read: { $0.pretrainedModelNameOrPath.isEmpty ? .null : .string($0.pretrainedModelNameOrPath) },
               apply: { c, v, _ in if case .string(let s) = v { c.pretrainedModelNameOrPath = s } }),
             .flag("v_parameterization", \.vParameterization, fingerprinted: true),
+            .text("vae", \.vae, fingerprinted: true),
 
             // [dataset_arguments] (the flat dataset arguments are `datasetArgumentFields`)
             F(key: "dataset_config", kind: .string, fingerprinted: true, read: { $0.datasetConfigPath.map { .string($0) } ?? .null },

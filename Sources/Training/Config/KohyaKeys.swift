@@ -121,7 +121,6 @@ extension TrainingConfig {
         "save_n_epoch_ratio": "saves a fixed number of times over the run; use save_every_n_epochs",
         "save_last_n_epochs_state": "keeps the last N epoch states; use [lora_dist] keep_states",
         "save_last_n_steps_state": "keeps the states of the last N steps; use [lora_dist] keep_states",
-        "vae": "replaces the checkpoint's VAE with another file; lora-dist encodes with the checkpoint's own VAE",
         "log_tracker_name": "names the run in the tracker (wandb)", "wandb_run_name": "names the wandb run",
         "log_tracker_config": "configures the wandb tracker", "wandb_api_key": "logs in to wandb",
         "log_config": "uploads the config to wandb",

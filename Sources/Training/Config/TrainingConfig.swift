@@ -12,6 +12,9 @@ public struct TrainingConfig: Sendable {
     /// A single-file SDXL checkpoint, a diffusers folder, or `builtin:tiny` (the demo's generated tiny model).
     public var pretrainedModelNameOrPath = ""
     public var vParameterization = false
+    /// kohya --vae: the VAE that encodes the latents, from its own file (a single-file or diffusers-layout .safetensors,
+    /// or a diffusers vae/ folder); nil: the checkpoint's.
+    public var vae: String? = nil
 
     // MARK: [dataset_arguments]
     /// The dataset, resolved once at load: from `dataset_config` (kohya dataset TOML, relative to the training TOML's

@@ -137,17 +137,18 @@ final class TrainingStages {
         checkpointer = Checkpointer(config: config, communicator: communicator, plan: plan, network: network,
                                     optimizer: optimizer, reducer: reducer, outputDirectory: outputDirectory)
 
-        // Stage 2: the latent cache (the first expensive work), then the batch assembler over it.
+        // Stage 2: the latent cache (the first expensive work), then the batch assembler over it. The VAE: kohya's --vae
+        // file, else the checkpoint's; its shape is checked here, before anything is encoded.
         let latentFolder = inputs.latentFolder
         let cache = try LatentCache(storage: .disk(latentFolder))
-        let checkpoint = self.checkpoint
-        let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: try LatentCache.vaeIdentity(weightsPath: checkpoint.path),
-                                        communicator: communicator, vae: { try checkpoint.vae() })
+        let encoder = try LatentEncoder(checkpoint: checkpoint, vaeFile: config.vae)
+        let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: encoder.identity,
+                                        communicator: communicator, vae: encoder.load)
         for issue in caching.local.rebuilt { log.warning("\(issue.path): \(issue.reason)") }
         say("latent cache \(latentFolder.path): \(caching.hits) reused, \(caching.misses + caching.rebuilt) encoded")
         batches = BatchAssembler(plan: plan, latents: cache, latentKeys: caching.keys, cacheFolder: latentFolder,
                                  noiseSchedule: noiseSchedule, noiseOptions: noiseOptions,
-                                 scalingFactor: checkpoint.vaeConfig?.scalingFactor ?? 0.13025, trigger: config.lora.trigger)
+                                 scalingFactor: encoder.config.scalingFactor, trigger: config.lora.trigger)
         let memoize = !net.trainTextEncoder && batches.captionOptions.allSatisfy { TextCache.isStatic(options: $0) }
         text = try TextConditioner(encoders: encoders, maxTokenLength: config.maxTokenLength, memoize: memoize)
     }
