@@ -263,9 +263,9 @@ final class TrainingConfigTests: XCTestCase {
     }
 
     func testUnsupportedKohyaKeyIsNamed() {
-        let m = message { try self.parse(self.minimal + "vae = \"sdxl_vae.safetensors\"\n") }
-        XCTAssertTrue(m.contains("`vae` is a kohya option lora-dist does not implement"), m)
-        XCTAssertTrue(m.contains("\"sdxl_vae.safetensors\"") && m.contains("remove it"), m)
+        let m = message { try self.parse(self.minimal + "conditioning_data_dir = \"cond\"\n") }
+        XCTAssertTrue(m.contains("`conditioning_data_dir` is a kohya option lora-dist does not implement"), m)
+        XCTAssertTrue(m.contains("\"cond\"") && m.contains("remove it"), m)
         for (k, v) in [("v2", "true"), ("color_aug", "true"), ("lr_scheduler_type", "\"x.Y\""), ("huggingface_repo_id", "\"a/b\"")] {
             let m = message { try self.parse(self.minimal + "\(k) = \(v)\n") }
             XCTAssertTrue(m.contains("does not implement"), m)
