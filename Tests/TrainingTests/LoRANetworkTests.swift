@@ -1,3 +1,4 @@
+import Dataset
 import Base
 import Foundation
 import SafeTensors
@@ -21,6 +22,18 @@ enum TrainingFixtures {
         try binder.finish(checkingUnusedUnder: [SDXLCheckpoint.unetPrefix + "."])
         return unet
     }
+    /// `count` drawn 128×128 images (the square shapes of builtin:shapes at 1/8 scale: one bucket) with captions, in `dir`.
+    static func squareImages(_ count: Int, in dir: URL) throws -> URL {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        for k in 0..<count {
+            let d = SyntheticShapes.render(index: 5 * k, scale: 0.125)
+            let name = String(format: "sq_%02d", k)
+            try ImageIO.writePNG(d.image.rgb, width: d.image.width, height: d.image.height, to: dir.appendingPathComponent(name + ".png").path)
+            try Data(d.caption.utf8).write(to: dir.appendingPathComponent(name + ".txt"))
+        }
+        return dir
+    }
+
     static func unetIO() throws -> SafeTensorsFile {
         try SafeTensorsFile(path: sdxlFolder.appendingPathComponent("unet_io.safetensors").path)
     }

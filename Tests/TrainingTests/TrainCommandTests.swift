@@ -26,18 +26,7 @@ final class TrainCommandTests: XCTestCase {
         try TestProcesses.run(try TestProcesses.executable("lora-dist"), args, ranks: ranks, environment: extra)
     }
 
-    /// `count` drawn 128×128 images (the square shapes of builtin:shapes at 1/8 scale) with captions.
-    func squareImages(_ count: Int) throws -> URL {
-        let dir = work.appendingPathComponent("img")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        for k in 0..<count {
-            let d = SyntheticShapes.render(index: 5 * k, scale: 0.125)
-            let name = String(format: "sq_%02d", k)
-            try ImageIO.writePNG(d.image.rgb, width: d.image.width, height: d.image.height, to: dir.appendingPathComponent(name + ".png").path)
-            try Data(d.caption.utf8).write(to: dir.appendingPathComponent(name + ".txt"))
-        }
-        return dir
-    }
+    func squareImages(_ count: Int) throws -> URL { try TrainingFixtures.squareImages(count, in: work.appendingPathComponent("img")) }
 
     /// A flat kohya training TOML over `images`.
     func config(_ name: String, images: URL, batch: Int, steps: Int, extra: String = "", lora: String = "",

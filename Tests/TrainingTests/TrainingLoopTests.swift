@@ -86,14 +86,7 @@ final class TrainingLoopTests: XCTestCase {
     // one-bucket, two-image dataset every step holds both images, with the same per-sample draws; the ranks' gradient
     // sums meet in the all-reduce and are divided once.
     func testTwoThreadRanksEqualOneRank() throws {
-        let images = work.appendingPathComponent("img")
-        try FileManager.default.createDirectory(at: images, withIntermediateDirectories: true)
-        for k in 0..<2 {
-            let d = SyntheticShapes.render(index: 5 * k, scale: 0.125)
-            try ImageIO.writePNG(d.image.rgb, width: d.image.width, height: d.image.height,
-                                 to: images.appendingPathComponent("sq\(k).png").path)
-            try Data(d.caption.utf8).write(to: images.appendingPathComponent("sq\(k).txt"))
-        }
+        let images = try TrainingFixtures.squareImages(2, in: work.appendingPathComponent("img"))
         let extra = "text_encoder_lr = 5e-4"
         _ = try train(try config("b2", batch: 2, steps: 3, images: images.path, extra: extra), ranks: 1)
         let (outcomes, _) = try train(try config("np2", batch: 1, steps: 3, images: images.path, extra: extra), ranks: 2)
