@@ -10,29 +10,29 @@ final class TrainingLoop {
     var communicator: any Communicator { stages.communicator }
     var rank: Int { communicator.rank }
 
+    /// What the run has done so far in this process (the end summary).
+    private var communicationSeconds = 0.0, trainedSamples = 0
+    /// kohya's avr_loss window, carried in the state.
+    private var average: MovingLossAverage
+
     init(stages: TrainingStages, say: @escaping (String) -> Void) {
         self.stages = stages
         self.say = say
+        average = MovingLossAverage(window: max(stages.plan.coordinator.optimizerStepsPerEpoch, 1))
     }
 
     static let testKillAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_KILL_AT_STEP"].flatMap { Int($0) }
     static let testSignalAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_SIGNAL_AT_STEP"].flatMap { Int($0) }
 
+    /// One accumulation window's sums on this rank.
+    private struct Window {
+        var loss = 0.0, samples = 0, nonFinite = false, start = Date()
+    }
+
     func run(resume: String?, wallStart: Date) throws -> TrainingOutcome {
-        let plan = stages.plan, network = stages.network, update = stages.update, checkpointer = stages.checkpointer
-        var position = TrainingPosition()
-        checkpointer.startedAt = Date()
-        var from = resume
-        // Job scripts pass `--resume auto`: continue from this run's newest state when there is one (a requeued job),
-        // start fresh otherwise.
-        if from == "auto" { from = try checkpointer.hasState() ? checkpointer.stateDirectory.path : nil }
-        if let from {
-            position = try checkpointer.restore(from: from)
-            say("resumed from \(from) at step \(position.optimizerSteps)/\(plan.totalSteps) (epoch \(position.epoch + 1))")
-        } else {
-            // Every rank starts from rank 0's initial values (they are equal by construction; this makes it so).
-            try ParameterSync(communicator: communicator).broadcastFromRankZero(&network.parameters)
-        }
+        let plan = stages.plan, network = stages.network, checkpointer = stages.checkpointer
+        var position = try start(resume: resume)
+        for l in position.losses { _ = average.add(l) }
         for line in stages.startLines() { say(line) }
         StopSignal.install()
 
@@ -40,12 +40,8 @@ final class TrainingLoop {
         defer { metrics?.close() }
         let progress = rank == 0 ? TrainingProgress(total: plan.totalSteps, startStep: position.optimizerSteps,
                                                     logEvery: config.lora.logEvery) : nil
-        let sync = ParameterSync(communicator: communicator, every: max(config.lora.parameterCheckEvery, 1))
-        var average = MovingLossAverage(window: max(plan.coordinator.optimizerStepsPerEpoch, 1))
-        for l in position.losses { _ = average.add(l) }
         var gradients = [Float](repeating: 0, count: network.parameterCount)
-        var windowLoss = 0.0, windowSamples = 0, windowStart = Date(), windowNonFinite = false
-        var communication = 0.0, trainedSamples = 0
+        var window = Window()
         var outcome = TrainingOutcome.finished
 
         training: while position.optimizerSteps < plan.totalSteps {
@@ -53,61 +49,15 @@ final class TrainingLoop {
             while position.nextStep < epochPlan.steps.count && position.optimizerSteps < plan.totalSteps {
                 let index = position.nextStep
                 let (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients)
-                if !lossSum.isFinite { windowNonFinite = true }
-                windowLoss += lossSum
-                windowSamples += samples
+                window.nonFinite = window.nonFinite || !lossSum.isFinite
+                window.loss += lossSum
+                window.samples += samples
                 position.nextStep += 1
                 guard epochPlan.steps[index].applyOptimizer else { continue }
 
-                let step = try update.apply(gradients: &gradients, lossSum: windowLoss, samples: windowSamples,
-                                            nonFinite: windowNonFinite, parameters: &network.parameters,
-                                            step: position.optimizerSteps)
-                communication += step.reduce?.seconds ?? 0
-                position.optimizerSteps += 1
-                if step.applied {
-                    position.nonFiniteRun = 0
-                } else if step.samples > 0 {
-                    position.nonFiniteRun += 1
-                    position.skippedSteps += 1
-                    progress?.note("step \(position.optimizerSteps): non-finite loss or gradient — step skipped (\(position.nonFiniteRun) in a row)")
-                    if position.nonFiniteRun >= config.lora.maxNonFiniteSteps {
-                        throw TrainingError("\(position.nonFiniteRun) steps in a row had a non-finite loss or gradient; stopped. "
-                            + "Saved files are intact (last state: \(checkpointer.newestStatePath)). Lower the learning rate or check the data.")
-                    }
-                }
-                let lossAverage = step.meanLoss.isFinite ? average.add(step.meanLoss) : average.value
-                position.losses = average.losses
-                trainedSamples += step.samples
-                let seconds = Date().timeIntervalSince(windowStart)
-                let effective = update.optimizer.effectiveLearningRates(step.learningRates)
-                if let metrics {
-                    try metrics.write(StepMetrics(
-                        step: position.optimizerSteps, epoch: position.epoch + 1, loss: step.meanLoss, lossAverage: lossAverage,
-                        learningRates: Dictionary(uniqueKeysWithValues: zip(stages.layout.groupNames, effective)),
-                        gradientNorm: step.gradientNorm, stepSeconds: seconds, communicationSeconds: step.reduce?.seconds ?? 0,
-                        compressionRatio: step.reduce.map(\.compressionRatio), imagesPerSecond: Double(step.samples) / max(seconds, 1e-9),
-                        skipped: !step.applied))
-                }
-                progress?.update(step: position.optimizerSteps, loss: lossAverage, extra: String(format: "lr=%.3g", effective[0]))
-                for i in gradients.indices { gradients[i] = 0 }
-                (windowLoss, windowSamples, windowNonFinite, windowStart) = (0, 0, false, Date())
-
-                if config.lora.parameterCheckEvery > 0 { try sync.check(network.parameters, step: position.optimizerSteps) }
-                if let n = config.saveEveryNSteps, n > 0, position.optimizerSteps % n == 0, position.optimizerSteps < plan.totalSteps {
-                    try checkpointer.saveStep(position, progress: progress)
-                }
-                if let killAt = Self.testKillAtStep, killAt == position.optimizerSteps, rank == 0 {
-                    // Test hook (LORA_DIST_TEST_KILL_AT_STEP): die here as a SIGKILLed job would, mid-run, after this
-                    // step's files are written — the kill-and-resume tests need the kill at a known step.
-                    kill(getpid(), SIGKILL)
-                }
-                if let signalAt = Self.testSignalAtStep, signalAt == position.optimizerSteps, rank == communicator.size - 1 {
-                    // Test hook (LORA_DIST_TEST_SIGNAL_AT_STEP): a real SIGUSR1 to the last rank only, as a user's
-                    // `kill -USR1 <pid>` or Slurm's warning signal would arrive.
-                    raise(SIGUSR1)
-                }
-                if try StopSignal.shouldStop(communicator) {
-                    try checkpointer.saveState(position)
+                try optimizerStep(&gradients, window: window, position: &position, metrics: metrics, progress: progress)
+                window = Window()
+                if try events(position, progress: progress) {
                     outcome = .stopped(signal: StopSignal.pendingSignal)
                     break training
                 }
@@ -121,6 +71,90 @@ final class TrainingLoop {
             }
         }
         progress?.finish()
+        try finish(outcome, position: position, wallStart: wallStart)
+        return outcome
+    }
+
+    /// Where the run starts: a restored state (`--resume FILE|FOLDER`, or `auto`: this run's newest state when there is
+    /// one, as job scripts pass for requeued jobs), or rank 0's initial LoRA on every rank.
+    private func start(resume: String?) throws -> TrainingPosition {
+        let checkpointer = stages.checkpointer
+        checkpointer.startedAt = Date()
+        var from = resume
+        if from == "auto" { from = try checkpointer.hasState() ? checkpointer.stateDirectory.path : nil }
+        guard let from else {
+            // Every rank starts from rank 0's initial values (they are equal by construction; this makes it so).
+            try ParameterSync(communicator: communicator).broadcastFromRankZero(&stages.network.parameters)
+            return TrainingPosition()
+        }
+        let position = try checkpointer.restore(from: from)
+        say("resumed from \(from) at step \(position.optimizerSteps)/\(stages.plan.totalSteps) (epoch \(position.epoch + 1))")
+        return position
+    }
+
+    /// Stage 4 on the window's gradient sums, then its bookkeeping: the non-finite rule, metrics, progress.
+    private func optimizerStep(_ gradients: inout [Float], window: Window, position: inout TrainingPosition,
+                               metrics: MetricsWriter?, progress: TrainingProgress?) throws {
+        let update = stages.update
+        let step = try update.apply(gradients: &gradients, lossSum: window.loss, samples: window.samples,
+                                    nonFinite: window.nonFinite, parameters: &stages.network.parameters,
+                                    step: position.optimizerSteps)
+        for i in gradients.indices { gradients[i] = 0 }
+        communicationSeconds += step.reduce?.seconds ?? 0
+        trainedSamples += step.samples
+        position.optimizerSteps += 1
+        if step.applied {
+            position.nonFiniteRun = 0
+        } else if step.samples > 0 {
+            position.nonFiniteRun += 1
+            position.skippedSteps += 1
+            progress?.note("step \(position.optimizerSteps): non-finite loss or gradient — step skipped (\(position.nonFiniteRun) in a row)")
+            if position.nonFiniteRun >= config.lora.maxNonFiniteSteps {
+                throw TrainingError("\(position.nonFiniteRun) steps in a row had a non-finite loss or gradient; stopped. "
+                    + "Saved files are intact (last state: \(stages.checkpointer.newestStatePath)). Lower the learning rate or check the data.")
+            }
+        }
+        let lossAverage = step.meanLoss.isFinite ? average.add(step.meanLoss) : average.value
+        position.losses = average.losses
+        let seconds = Date().timeIntervalSince(window.start)
+        let effective = update.optimizer.effectiveLearningRates(step.learningRates)
+        try metrics?.write(StepMetrics(
+            step: position.optimizerSteps, epoch: position.epoch + 1, loss: step.meanLoss, lossAverage: lossAverage,
+            learningRates: Dictionary(uniqueKeysWithValues: zip(stages.layout.groupNames, effective)),
+            gradientNorm: step.gradientNorm, stepSeconds: seconds, communicationSeconds: step.reduce?.seconds ?? 0,
+            compressionRatio: step.reduce.map(\.compressionRatio), imagesPerSecond: Double(step.samples) / max(seconds, 1e-9),
+            skipped: !step.applied))
+        progress?.update(step: position.optimizerSteps, loss: lossAverage, extra: String(format: "lr=%.3g", effective[0]))
+    }
+
+    /// After an optimizer step: the divergence check, step saves, the test hooks, and the stop protocol (a signal on
+    /// any rank stops every rank here, after saving a state). Returns whether to stop.
+    private func events(_ position: TrainingPosition, progress: TrainingProgress?) throws -> Bool {
+        let step = position.optimizerSteps
+        if config.lora.parameterCheckEvery > 0 {
+            try ParameterSync(communicator: communicator, every: config.lora.parameterCheckEvery).check(stages.network.parameters, step: step)
+        }
+        if let n = config.saveEveryNSteps, n > 0, step % n == 0, step < stages.plan.totalSteps {
+            try stages.checkpointer.saveStep(position, progress: progress)
+        }
+        if let killAt = Self.testKillAtStep, killAt == step, rank == 0 {
+            // Test hook (LORA_DIST_TEST_KILL_AT_STEP): die here as a SIGKILLed job would, mid-run, after this
+            // step's files are written — the kill-and-resume tests need the kill at a known step.
+            kill(getpid(), SIGKILL)
+        }
+        if let signalAt = Self.testSignalAtStep, signalAt == step, rank == communicator.size - 1 {
+            // Test hook (LORA_DIST_TEST_SIGNAL_AT_STEP): a real SIGUSR1 to the last rank only, as a user's
+            // `kill -USR1 <pid>` or Slurm's warning signal would arrive.
+            raise(SIGUSR1)
+        }
+        guard try StopSignal.shouldStop(communicator) else { return false }
+        try stages.checkpointer.saveState(position)
+        return true
+    }
+
+    /// The final LoRA (and state), then the summary.
+    private func finish(_ outcome: TrainingOutcome, position: TrainingPosition, wallStart: Date) throws {
+        let checkpointer = stages.checkpointer
         if outcome == .finished {
             try checkpointer.saveLoRA(SaveNames.final(config.outputName), position: position, progress: nil, final: true)
             if config.saveState || config.saveStateOnTrainEnd { try checkpointer.saveState(position) }
@@ -128,12 +162,11 @@ final class TrainingLoop {
         try communicator.barrier()
         let summary = TrainingSummary(filesWritten: checkpointer.filesWritten, seconds: Date().timeIntervalSince(wallStart),
                                       images: trainedSamples, steps: position.optimizerSteps, ranks: communicator.size,
-                                      communicationSeconds: communication, skippedSteps: position.skippedSteps)
+                                      communicationSeconds: communicationSeconds, skippedSteps: position.skippedSteps)
         for line in summary.lines() { say(line) }
         if case .stopped(let signal) = outcome {
             say("stopped by \(signal.map(StopSignal.name) ?? "a signal on another rank") at step \(position.optimizerSteps); resume with --resume \(checkpointer.stateDirectory.path)")
         }
-        return outcome
     }
 
     var metricsURL: URL {
