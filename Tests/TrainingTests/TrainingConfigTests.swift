@@ -432,7 +432,7 @@ final class TrainingConfigTests: XCTestCase {
     // train_data_dir = "" names the key (it used to surface as ": no usable image found").
     func testEmptyTrainDataDirIsNamed() {
         let m = message { try self.parse("pretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"\"\nresolution = 512\n") }
-        XCTAssertTrue(m.contains("`train_data_dir`") && m.contains("is empty"), m)
+        XCTAssertTrue(m.contains("`train_data_dir`") && m.contains("is not set"), m)
     }
 
     func testKohyaValueShapes() throws {

@@ -64,10 +64,14 @@ struct ConfigField {
                     apply: { c, v, _ in if case .string(let s) = v { c[keyPath: path] = try Self.choose(s, choices, key, c) } })
     }
 
+    /// An optional string; "" is unset (kohya tests these with `if args.x:`).
     static func text(_ key: String, _ path: WritableKeyPath<TrainingConfig, String?>, choices: [String]? = nil,
                      fingerprinted: Bool = false) -> ConfigField {
         ConfigField(key: key, kind: .string, fingerprinted: fingerprinted, read: { $0[keyPath: path].map { .string($0) } ?? .null },
-                    apply: { c, v, _ in if case .string(let s) = v { c[keyPath: path] = try Self.choose(s, choices, key, c) } })
+                    apply: { c, v, _ in
+                        guard case .string(let s) = v else { return }
+                        c[keyPath: path] = s.isEmpty ? nil : try Self.choose(s, choices, key, c)
+                    })
     }
 
     static func choose(_ s: String, _ choices: [String]?, _ key: String, _ c: TrainingConfig) throws -> String {
