@@ -27,7 +27,15 @@ final class RealConfigTests: XCTestCase {
         let work = FileManager.default.temporaryDirectory.appendingPathComponent("real-configs-\(getpid())")
         try? FileManager.default.removeItem(at: work)
         defer { try? FileManager.default.removeItem(at: work) }
-        let images = try TrainingFixtures.squareImages(2, in: work.appendingPathComponent("img/1_subject"))
+        // Two drawn 1024² images (the size these configs are written for: bucket settings such as bucket_no_upscale with
+        // 256-px steps assume it), in a kohya `N_name` folder.
+        let images = work.appendingPathComponent("img/1_subject")
+        try FileManager.default.createDirectory(at: images, withIntermediateDirectories: true)
+        for k in 0..<2 {
+            let d = SyntheticShapes.render(index: 5 * k, scale: 1)
+            try ImageIO.writePNG(d.image.rgb, width: d.image.width, height: d.image.height, to: images.appendingPathComponent("s\(k).png").path)
+            try Data(d.caption.utf8).write(to: images.appendingPathComponent("s\(k).txt"))
+        }
         let datasetTOML = work.appendingPathComponent("dataset.toml")
         try """
             [general]

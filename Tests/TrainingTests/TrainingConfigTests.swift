@@ -286,7 +286,8 @@ final class TrainingConfigTests: XCTestCase {
                      "weighted_captions = false", "dim_from_weights = false", "token_warmup_min = 1", "token_warmup_step = 0",
                      "lr_scheduler_args = []", "lr_scheduler_type = \"\"", "sample_prompts = \"prompts.txt\"",
                      "sample_sampler = \"euler_a\"", "sample_every_n_steps = 0", "huggingface_repo_id = \"\"",
-                     "huggingface_token = \"hf_x\"", "async_upload = true", "masked_loss = false"]
+                     "huggingface_token = \"hf_x\"", "async_upload = true", "masked_loss = false",
+                     "save_last_n_steps_state = 1"]
         let c = try parse(minimal + inert.joined(separator: "\n") + "\n")
         let notes = c.warnings.filter { $0.hasPrefix("ignored, as they ask for nothing:") }
         XCTAssertEqual(notes.count, 1, "\(c.warnings)")

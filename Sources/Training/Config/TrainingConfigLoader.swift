@@ -372,6 +372,9 @@ extension TrainingConfig {
             let cadence = (given["sample_every_n_steps"]?.int ?? 0) > 0 || (given["sample_every_n_epochs"]?.int ?? 0) > 0
                 || given["sample_at_first"]?.bool == true
             return !cadence
+        case "save_last_n_steps_state", "save_last_n_epochs_state":
+            // Keep rules for states: nothing to keep when no state is saved.
+            return given["save_state"]?.bool != true
         case _ where key.hasPrefix("huggingface_") || key == "async_upload" || key == "save_state_to_huggingface":
             return (given["huggingface_repo_id"]?.string ?? "").isEmpty
         default:
