@@ -228,7 +228,7 @@ extension TrainingConfig {
             let key = e.key, v = e.value
             if let field = fields[key] {
                 let value = try decode(v, as: field.kind, key: key, file: source)
-                if let note = coercionNote(key, v, value) {
+                if let note = coercionNote(key, v, value, kind: field.kind) {
                     c.warnings.append(note)
                     if value == .null { continue }
                 }
@@ -238,7 +238,7 @@ extension TrainingConfig {
                 try field.apply(&c, value, baseDirectory)
             } else if let d = datasetArgumentFields[key] {
                 let value = try decode(v, as: d.kind, key: key, file: source)
-                if let note = coercionNote(key, v, value) {
+                if let note = coercionNote(key, v, value, kind: d.kind) {
                     c.warnings.append(note)
                     if value == .null { continue }
                 }
@@ -267,7 +267,7 @@ extension TrainingConfig {
         }
         if !ignored.isEmpty {
             c.warnings.append("ignored, as they ask for nothing: " + ignored.joined(separator: ", ")
-                              + " (kohya options lora-dist does not implement, at their off or default values)")
+                              + " (kohya options lora-dist does not implement, set off, to kohya's default, or without what switches them on)")
         }
         if !ignoredGUI.isEmpty {
             c.warnings.append("ignored GUI/front-end settings (not kohya options; kohya ignores them too): " + ignoredGUI.joined(separator: ", "))
@@ -383,9 +383,11 @@ extension TrainingConfig {
     }
 
     /// The note for a value `decode` read other than as written (a number in a string, "" or false for "not set").
-    static func coercionNote(_ key: String, _ v: TOMLValueConvertible, _ value: KohyaValue) -> String? {
+    static func coercionNote(_ key: String, _ v: TOMLValueConvertible, _ value: KohyaValue, kind: ValueKind) -> String? {
         if value == .null { return "\(key) = \(show(v)): treated as not set (kohya's code ignores it too)" }
-        if v.string != nil, value != .string(v.string!) { return "\(key) = \(show(v)): read as the number \(value)" }
+        if v.string != nil, [.int, .float, .intOrFloat, .floatOrFloats].contains(kind) {
+            return "\(key) = \(show(v)): read as the number \(value)"
+        }
         return nil
     }
 
