@@ -190,6 +190,29 @@ final class OptimizerTests: XCTestCase {
 
     /// The 8-bit optimizer tracks fp32 AdamW (same hyper-parameters) on a large entry: after 20 steps the
     /// parameter change differs by < 5% of the change's RMS (bnb's quantisation error of the moments).
+    // torch.optim.AdamW's implementation switches (fused, foreach, capturable, differentiable) are AdamW arguments
+    // that leave the update unchanged: accepted, and the steps equal AdamW's without them; maximize (another update)
+    // is named.
+    func testAdamWRuntimeSwitchesAreAcceptedAndChangeNothing() throws {
+        let layout = ParameterLayout(entries: [.init(name: "w", shape: [8], offset: 0, group: 0)], groupNames: ["unet"])
+        let plain = try Optimizers.make(type: "AdamW", args: [], layout: layout)
+        let switched = try Optimizers.make(type: "AdamW", args: ["fused=True", "foreach=False", "capturable=True", "differentiable=False"],
+                                           layout: layout)
+        var a = (0..<8).map { Float($0) * 0.1 }, b = a
+        for step in 0..<3 {
+            let g = (0..<8).map { Float(($0 + step) % 5) - 2 }
+            plain.step(parameters: &a, gradients: g, learningRates: [1e-2])
+            switched.step(parameters: &b, gradients: g, learningRates: [1e-2])
+        }
+        XCTAssertEqual(a, b)
+        XCTAssertThrowsError(try Optimizers.make(type: "AdamW", args: ["maximize=True"], layout: layout)) {
+            XCTAssertTrue("\($0)".contains("maximize"), "\($0)")
+        }
+        let c = try TrainingConfig.parse(toml: "pretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"i\"\nresolution = 512\noptimizer_args = [\"fused=True\"]\n",
+                                         source: "t.toml", baseDirectory: URL(fileURLWithPath: NSTemporaryDirectory()))
+        XCTAssertTrue(c.notes.contains { $0.hasPrefix("optimizer_args fused:") }, "\(c.notes)")
+    }
+
     func testAdamW8bitTracksFP32AdamW() throws {
         let layout = ParameterLayout(tensors: [("big.lora_down.weight", [32, 320], 0)], groupNames: ["unet"])
         let spec = OptimFixture.LayoutSpec(layout: layout, initScales: [0.125], gradScales: [0.25])
