@@ -47,6 +47,9 @@ public struct SubsetConfig: Equatable, Sendable {
     public var cacheInfo = false                 // dataclass False
     public var alphaMask = false                 // dataclass False; --alpha_mask store_true
     public var priorLossWeight = 1.0             // DreamBoothDatasetParams.prior_loss_weight = 1.0 (argparse only)
+    /// kohya's fine-tuning subset (FineTuningSubsetParams.metadata_file; the training argument `in_json`): captions, tags
+    /// and images come from this JSON (or JSONL) instead of caption files; relative image keys are under `imageDir`.
+    public var metadataFile: String? = nil
     /// The keys a dataset TOML set for this subset at any of its levels (subset, its dataset, [general]): a training
     /// TOML's flat dataset arguments (kohya's argparse level) fill only the others.
     public var explicitKeys: Set<String> = []
@@ -93,8 +96,8 @@ public struct DatasetConfig: Sendable {
         "caption_tag_dropout_rate": .intOrFloat,
         "caption_extension": .string, "class_tokens": .string, "cache_info": .bool,
     ]
-    static let subsetDistinct: [String: Kind] = [      // DB_SUBSET_DISTINCT_SCHEMA
-        "image_dir": .string, "is_reg": .bool, "alpha_mask": .bool,
+    static let subsetDistinct: [String: Kind] = [      // DB_SUBSET_DISTINCT_SCHEMA (+ FT_SUBSET_DISTINCT_SCHEMA's metadata_file)
+        "image_dir": .string, "is_reg": .bool, "alpha_mask": .bool, "metadata_file": .string,
     ]
     static let generalSchema = datasetAscendable.merging(subsetAscendable) { a, _ in a }
     static let subsetSchema = subsetAscendable.merging(subsetDistinct) { a, _ in a }
@@ -139,8 +142,9 @@ public struct DatasetConfig: Sendable {
                         guard let st = s.table else { throw DatasetError("\(file): \(at) must be a table, got \(s)") }
                         let sLevel = try parseLevel(st, schema: subsetSchema, where: at, file: file)
                         // DB_SUBSET_DISTINCT_SCHEMA: Required("image_dir").
-                        guard sLevel["image_dir"] != nil else {
-                            throw DatasetError("\(file): \(at) has no 'image_dir' (required by kohya for a DreamBooth subset)")
+                        // DB_SUBSET_DISTINCT_SCHEMA: Required("image_dir"); a fine-tuning subset has metadata_file instead.
+                        guard sLevel["image_dir"] != nil || sLevel["metadata_file"] != nil else {
+                            throw DatasetError("\(file): \(at) has no 'image_dir' (required by kohya for a DreamBooth subset) and no 'metadata_file' (a fine-tuning subset)")
                         }
                         // Subset fields fall back subset < dataset < general < defaults; dataset fields (batch size,
                         // resolution, buckets) never come from a subset (not in the subset schema).
@@ -209,6 +213,7 @@ public struct DatasetConfig: Sendable {
         c.validationSeed = int("validation_seed") ?? c.validationSeed
         c.validationSplit = dbl("validation_split") ?? c.validationSplit
         c.imageDir = str("image_dir")
+        c.metadataFile = str("metadata_file")
         c.numRepeats = int("num_repeats") ?? c.numRepeats
         c.shuffleCaption = bool("shuffle_caption") ?? c.shuffleCaption
         c.captionSeparator = str("caption_separator") ?? c.captionSeparator

@@ -88,6 +88,10 @@ public struct DatasetScan: Sendable {
         var images: [DatasetImage] = []
         var issues = config.issues
         for (si, s) in config.subsets.enumerated() {
+            if let metadata = s.metadataFile {
+                images += try fineTuningImages(s, subset: si, metadata: metadata, issues: &issues)
+                continue
+            }
             guard let dir = s.imageDir else { continue }
             var isDir: ObjCBool = false
             guard fm.fileExists(atPath: dir, isDirectory: &isDir) else {
@@ -166,5 +170,62 @@ public struct DatasetScan: Sendable {
             throw DatasetError("\(config.source): no usable image found (extensions .png .jpg .jpeg .webp)\(detail)")
         }
         return DatasetScan(images: images, issues: issues)
+    }
+
+    /// kohya's FineTuningDataset (library/train_util.py): the metadata file maps image keys to {caption, tags,
+    /// image_size}, or is JSONL of {image_path, caption, tags, image_size}; a relative key is under the subset's
+    /// image_dir. The caption is `caption` (or ""), then — when there are tags — the caption separator and the tags
+    /// (with enable_wildcard: the tags after every caption line).
+    static func fineTuningImages(_ s: SubsetConfig, subset si: Int, metadata path: String,
+                                 issues: inout [DatasetIssue]) throws -> [DatasetImage] {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw DatasetError("\(path): no metadata file (in_json / metadata_file names a JSON of captions per image)")
+        }
+        var entries: [(key: String, md: [String: Any])] = []
+        if path.hasSuffix(".jsonl") {
+            for (n, line) in String(decoding: data, as: UTF8.self).split(separator: "\n").enumerated()
+            where !line.trimmingCharacters(in: .whitespaces).isEmpty {
+                guard let md = (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any],
+                      let key = md["image_path"] as? String else {
+                    throw DatasetError("\(path):\(n + 1): not a JSON object with image_path")
+                }
+                entries.append((key, md))
+            }
+        } else {
+            guard let root = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+                throw DatasetError("\(path): not a JSON object of image key → {caption, tags}")
+            }
+            for key in root.keys.sorted() {
+                guard let md = root[key] as? [String: Any] else { throw DatasetError("\(path): \(key): not an object") }
+                entries.append((key, md))
+            }
+        }
+        var images: [DatasetImage] = []
+        for (key, md) in entries {
+            let absolute: String
+            if key.hasPrefix("/") { absolute = key } else {
+                guard let dir = s.imageDir else {
+                    throw DatasetError("\(path): \(key) is relative, and image_dir (train_data_dir) is not set — kohya requires it too")
+                }
+                absolute = (dir as NSString).appendingPathComponent(key)
+            }
+            guard FileManager.default.fileExists(atPath: absolute) else {
+                issues.append(DatasetIssue(path: absolute, reason: "listed in \((path as NSString).lastPathComponent) but no such image file"))
+                continue
+            }
+            var caption = md["caption"] as? String ?? ""
+            if var tags = md["tags"] as? String {
+                if s.enableWildcard {
+                    tags = tags.replacingOccurrences(of: "\n", with: s.captionSeparator)
+                    caption = caption.split(separator: "\n").filter { !$0.trimmingCharacters(in: .whitespaces).isEmpty }
+                        .map { "\($0)\(s.captionSeparator)\(tags)" }.joined(separator: "\n")
+                } else if !tags.isEmpty {
+                    caption = (caption.isEmpty ? "" : caption + s.captionSeparator) + tags
+                }
+            }
+            images.append(DatasetImage(path: absolute, captionPath: path, caption: caption, classToken: nil,
+                                       repeats: s.numRepeats, subset: si))
+        }
+        return images
     }
 }

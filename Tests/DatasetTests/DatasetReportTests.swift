@@ -95,3 +95,60 @@ final class DatasetReportTests: XCTestCase {
         XCTAssertTrue(r.lines().joined(separator: "\n").contains("16x16 upscaled to"), r.lines().joined(separator: "\n"))
     }
 }
+
+/// kohya's fine-tuning subsets (`in_json`, a dataset TOML's `metadata_file`): FineTuningDataset in
+/// library/train_util.py — captions and tags per image from the metadata, relative keys under image_dir.
+final class FineTuningMetadataTests: XCTestCase {
+    var root: URL!
+    override func setUpWithError() throws {
+        root = FileManager.default.temporaryDirectory.appendingPathComponent("ft-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+        for name in ["a.png", "b.png"] {
+            let rgb = [UInt8](repeating: 128, count: 64 * 64 * 3)
+            try ImageIO.writePNG(rgb, width: 64, height: 64, to: root.appendingPathComponent(name).path)
+        }
+    }
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: root) }
+
+    func testMetadataCaptionsAndTags() throws {
+        let meta = root.appendingPathComponent("meta.json")
+        try Data("""
+            {"a.png": {"caption": "a photo", "tags": "red, circle"},
+             "b.png": {"tags": "blue"},
+             "missing.png": {"caption": "gone"}}
+            """.utf8).write(to: meta)
+        var s = SubsetConfig()
+        s.imageDir = root.path; s.metadataFile = meta.path; s.numRepeats = 3; s.resolution = [64, 64]
+        let scan = try DatasetScan.scan(DatasetConfig(datasets: [[s]], source: meta.path))
+        XCTAssertEqual(scan.images.map { ($0.path as NSString).lastPathComponent }, ["a.png", "b.png"])
+        // caption + caption_separator + tags (kohya's non-wildcard branch); no caption: the tags alone.
+        XCTAssertEqual(scan.images.map(\.caption), ["a photo,red, circle", "blue"])
+        XCTAssertEqual(scan.images.map(\.repeats), [3, 3])
+        XCTAssertTrue(scan.issues.contains { $0.path.hasSuffix("missing.png") && $0.reason.contains("no such image") })
+        // With enable_wildcard: the tags after every caption line.
+        s.enableWildcard = true
+        try Data(#"{"a.png": {"caption": "one\ntwo", "tags": "x"}}"#.utf8).write(to: meta)
+        XCTAssertEqual(try DatasetScan.scan(DatasetConfig(datasets: [[s]], source: meta.path)).images[0].caption, "one,x\ntwo,x")
+    }
+
+    func testJSONLAndDatasetTOMLMetadataFile() throws {
+        let meta = root.appendingPathComponent("meta.jsonl")
+        try Data("""
+            {"image_path": "\(root.appendingPathComponent("a.png").path)", "caption": "absolute"}
+            {"image_path": "b.png", "caption": "relative"}
+            """.utf8).write(to: meta)
+        let toml = root.appendingPathComponent("dataset.toml")
+        try Data("""
+            [general]
+            resolution = 64
+            [[datasets]]
+              [[datasets.subsets]]
+              image_dir = "\(root.path)"
+              metadata_file = "\(meta.path)"
+            """.utf8).write(to: toml)
+        let cfg = try DatasetConfig.load(toml: toml)
+        XCTAssertEqual(cfg.subsets[0].metadataFile, meta.path)
+        let scan = try DatasetScan.scan(cfg)
+        XCTAssertEqual(scan.images.map(\.caption), ["absolute", "relative"])
+    }
+}

@@ -211,6 +211,18 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertTrue(missing.output.contains("vae: /nonexistent/vae.safetensors does not exist"), missing.output)
     }
 
+    // kohya's in_json with train_data_dir (fine-tuning captions per image in one JSON) trains; the captions come from it.
+    func testInJSONTrains() throws {
+        let images = try squareImages(2)
+        let meta = work.appendingPathComponent("meta.json")
+        try Data(#"{"sq_00.png": {"caption": "a shape", "tags": "red"}, "sq_01.png": {"tags": "blue"}}"#.utf8).write(to: meta)
+        let cfg = try config("injson", images: images, batch: 1, steps: 2, extra: "in_json = \"\(meta.path)\"")
+        let r = try run(["train", cfg, "--threads", "2"])
+        XCTAssertEqual(r.status, 0, r.output)
+        let tags = try SafeTensorsFile(path: work.appendingPathComponent("injson/t.safetensors").path).metadata["ss_tag_frequency"] ?? ""
+        XCTAssertTrue(tags.contains("\"red\"") && tags.contains("\"blue\""), tags)
+    }
+
     // A seed makes the run deterministic: the demo config in two output folders (its generated model and dataset in each),
     // one rank on 2 threads, gives bit-identical LoRAs. Sample ids are relative to the dataset folder, so where the
     // dataset lives does not change the plan or any random draw.

@@ -89,7 +89,7 @@ extension Checkpointer {
         }
         let resolution = first.resolution ?? [1024, 1024]
         let dataset: [String: Any] = [
-            "is_dreambooth": true, "batch_size_per_device": c.trainBatchSize,
+            "is_dreambooth": plan.report.subsets.allSatisfy { $0.metadataFile == nil }, "batch_size_per_device": c.trainBatchSize,
             "num_train_images": plan.coordinator.samplesPerEpoch, "num_reg_images": Int(m["ss_num_reg_images"]!)!,
             "resolution": resolution.count == 1 ? [resolution[0], resolution[0]] : resolution,
             "enable_bucket": first.enableBucket, "min_bucket_reso": first.minBucketReso, "max_bucket_reso": first.maxBucketReso,

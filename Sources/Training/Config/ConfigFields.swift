@@ -119,6 +119,7 @@ extension TrainingConfig {
               }),
             .text("train_data_dir", \.trainDataDir, fingerprinted: true),
             .text("reg_data_dir", \.regDataDir, fingerprinted: true),
+            .text("in_json", \.inJSON, fingerprinted: true),
             .flag("cache_latents", \.cacheLatents),
             .flag("cache_latents_to_disk", \.cacheLatentsToDisk),
             .flag("cache_text_encoder_outputs", \.cacheTextEncoderOutputs),

@@ -110,7 +110,6 @@ extension TrainingConfig {
         "resize_interpolation": "picks the resize filter; lora-dist always resizes with Lanczos3",
         "debug_dataset": "shows the dataset's images instead of training; run `lora-dist dataset` for a dataset report",
         "dataset_class": "loads a user-written Python dataset class",
-        "in_json": "reads a fine-tuning metadata JSON; lora-dist reads DreamBooth folders and caption files",
         "conditioning_data_dir": "trains ControlNet-style conditioning images",
         "huggingface_repo_id": "uploads to the Hugging Face Hub", "huggingface_repo_type": "uploads to the Hugging Face Hub",
         "huggingface_path_in_repo": "uploads to the Hugging Face Hub", "huggingface_token": "uploads to the Hugging Face Hub",

@@ -121,6 +121,8 @@ public struct TrainingConfig: Sendable {
     public var trainDataDir: String? = nil
     /// kohya --reg_data_dir: regularisation images, kohya `N_name` subfolders (is_reg subsets).
     public var regDataDir: String? = nil
+    /// kohya --in_json: a fine-tuning metadata JSON (captions and tags per image) with train_data_dir as its image folder.
+    public var inJSON: String? = nil
     /// kohya's flat dataset arguments (resolution, enable_bucket, caption_extension, train_batch_size → batch_size,
     /// dataset_repeats → num_repeats, ...) as one level of the dataset cascade: with `dataset_config` they fill
     /// what the dataset TOML leaves unset (kohya's argparse level); with `train_data_dir` they are the settings.

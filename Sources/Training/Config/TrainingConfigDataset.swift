@@ -27,6 +27,13 @@ extension TrainingConfig {
                 throw error("dataset_config", "\(e.description)")
             }
             applyArgparseLevel(to: &cfg)
+        } else if let metadata = inJSON {
+            // kohya train_network.py without a dataset_config: one fine-tuning subset {image_dir: train_data_dir,
+            // metadata_file: in_json} under the flat dataset arguments.
+            var subset = datasetArguments
+            subset.imageDir = trainDataDir
+            subset.metadataFile = metadata
+            cfg = DatasetConfig(general: datasetArguments, datasets: [[subset]], source: metadata)
         } else if let dir = trainDataDir {
             let url = dir == "builtin:shapes" ? builtinFolder : URL(fileURLWithPath: dir)
             var (subsets, issues) = folderSubsets(url, isReg: false)

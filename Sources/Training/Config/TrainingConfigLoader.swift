@@ -323,7 +323,7 @@ extension TrainingConfig {
         }
         try c.validate()
         try c.checkStrict()
-        c.datasetSource = c.datasetConfigPath ?? c.trainDataDir ?? ""
+        c.datasetSource = c.datasetConfigPath ?? c.inJSON ?? c.trainDataDir ?? ""
         // Resolve the dataset now where that needs nothing the trainer makes (builtin:shapes is written at train
         // time; a missing dataset TOML is reported by datasetConfig(builtinFolder:)), so bad bucket settings and
         // dataset TOML errors surface at load.
@@ -532,15 +532,15 @@ extension TrainingConfig {
         if datasetConfigPath == nil, trainDataDir?.trimmingCharacters(in: .whitespaces).isEmpty == true {
             throw error("train_data_dir", "is empty — give the image folder (kohya N_name subfolders, or a flat folder of images with captions), or a dataset_config")
         }
-        if datasetConfigPath == nil && trainDataDir == nil {
+        if datasetConfigPath == nil && trainDataDir == nil && inJSON == nil {
             throw error("train_data_dir", "is not set and neither is dataset_config — give the image folder (or \"builtin:shapes\"), or a dataset TOML")
         }
         if datasetConfigPath != nil {
             // kohya train_network.py: with a dataset config, train_data_dir / reg_data_dir are ignored (warned).
-            for (k, v) in [("train_data_dir", trainDataDir), ("reg_data_dir", regDataDir)] where v != nil {
+            for (k, v) in [("train_data_dir", trainDataDir), ("reg_data_dir", regDataDir), ("in_json", inJSON)] where v != nil {
                 notes.append("\(k): ignored because dataset_config is given (kohya ignores it too)")
             }
-            trainDataDir = nil; regDataDir = nil
+            trainDataDir = nil; regDataDir = nil; inJSON = nil
         }
         if networkTrainUnetOnly && networkTrainTextEncoderOnly {
             throw error("network_train_unet_only", "and network_train_text_encoder_only are both true — keep at most one")
