@@ -131,6 +131,35 @@ final class TextEncoderLoRATests: XCTestCase {
         XCTAssertEqual(checked, 2 * (36 + unetChecked.count))
     }
 
+    // Gradient checkpointing covers the text encoders: each layer recomputed in backward gives the same loss and the
+    // same text-encoder gradients as keeping every activation.
+    func testCheckpointedTextEncodersGiveTheSameGradients() throws {
+        let file = try fixture()
+        let encoders = try textEncoders(file)
+        let unet = try TrainingFixtures.tinyUNet()
+        let net = try LoRANetwork(unet: unet, textEncoders: encoders, contents: try contents(file))
+        let ids1 = try file.integers("ids1"), ids2 = try file.integers("ids2")
+        let rows = { (ids: [Int]) in (0..<2).map { [Array(ids[$0 * 77..<($0 + 1) * 77])] } }
+        var results: [(Float, [Float])] = []
+        for checkpointing in [false, true] {
+            let condition: (Tape) -> (context: Var, y: Var) = { t in
+                let (context, pooled) = Conditioning.encode(t, l: encoders.0, g: encoders.1, idsL: rows(ids1), idsG: rows(ids2),
+                                                            checkpointing: checkpointing)
+                let sizes = [(1024, 1024), (1024, 1024)]
+                return (context, Conditioning.y(t, pooled: pooled, originalSize: sizes, cropTopLeft: [(0, 0), (0, 0)],
+                                                targetSize: sizes, embedDim: 8))
+            }
+            results.append(try step(net, unet: unet, file: file, noise: try file.tensor("noise"),
+                                    timesteps: try file.integers("timesteps"), conditioning: condition))
+        }
+        XCTAssertEqual(results[0].0, results[1].0, accuracy: 1e-6 * abs(results[0].0))
+        for m in net.modules where m.model != .unet {
+            let range = m.downOffset..<(m.upOffset + m.upShape.reduce(1, *))
+            let a = Array(results[0].1[range]), b = Array(results[1].1[range])
+            XCTAssertLessThanOrEqual(relErr(b, a), 1e-5, m.name)
+        }
+    }
+
     // Ten AdamW steps with kohya's two learning-rate groups (text encoders 2e-3, UNet 5e-4): losses and the text
     // encoders' final weights.
     func testTenAdamWStepsWithTwoLearningRatesMatchKohya() throws {
