@@ -50,10 +50,13 @@ let package = Package(
             providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
         .systemLibrary(name: "CVips", path: "Sources/CVips", pkgConfig: "vips", providers: [.apt(["libvips-dev"])]),
         .target(name: "CZstd", path: "Sources/CZstd", linkerSettings: [.linkedLibrary("zstd")]),
+        // oneDNN (bf16 GEMMs and convolutions), dlopen'ed like OpenBLAS; only its header is needed to build.
+        .target(name: "CDNNL", path: "Sources/CDNNL", cSettings: [.unsafeFlags(["-O2"])],
+                linkerSettings: [.linkedLibrary("dl")]),
 
         // The hash (FNV-1a) and generator (SplitMix64) everything shares.
         .target(name: "Base", path: "Sources/Base"),
-        .target(name: "Tensor", dependencies: ["Base", "CBLAS"], path: "Sources/Tensor", swiftSettings: kernelFlags),
+        .target(name: "Tensor", dependencies: ["Base", "CBLAS", "CDNNL"], path: "Sources/Tensor", swiftSettings: kernelFlags),
         .target(name: "SafeTensors", dependencies: ["Tensor"], path: "Sources/SafeTensors"),
         .target(
             name: "SDXL", dependencies: ["Base", "Tensor", "SafeTensors"], path: "Sources/SDXL",

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libopenmpi-dev openmpi-bin libopenblas-dev libzstd-dev libvips-dev pkg-config)
+packages=(libopenmpi-dev openmpi-bin libopenblas-dev libdnnl-dev libzstd-dev libvips-dev pkg-config)
 
 missing=()
 for p in "${packages[@]}"; do

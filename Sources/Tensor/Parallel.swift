@@ -2,7 +2,7 @@ import Foundation
 
 /// How many threads one process uses. Under `mpirun` several ranks share a node, so this is set per
 /// rank (cores on the node / ranks on the node) rather than taken from the machine.
-/// GEMM runs on OpenBLAS's threads; every other kernel on `parallelFor`'s. They never run at the same
+/// GEMM runs on OpenBLAS's threads (oneDNN's OpenMP threads in the bf16 family, the same count); every other kernel on `parallelFor`'s. They never run at the same
 /// time: a kernel calls GEMM from one thread only, outside any `parallelFor`, or inside one under
 /// `BLAS.withOneThread` (OpenBLAS on one thread meanwhile).
 public enum Threads {
@@ -19,6 +19,7 @@ public enum Threads {
         let n = max(1, n)
         lock.lock(); current = n; lock.unlock()
         BLAS.setThreads(n)
+        DNNL.setThreads(n)
     }
 }
 

@@ -137,6 +137,9 @@ public struct Tensor: @unchecked Sendable {
         return UnsafePointer((storage.bytes + byteOffset).assumingMemoryBound(to: Float.self))
     }
 
+    /// The elements' bytes, whatever their type (for the oneDNN shim, which is told the type).
+    var rawPointer: UnsafeRawPointer { UnsafeRawPointer(storage.bytes + byteOffset) }
+
     /// fp32 elements for writing: only for tensors a kernel has just created.
     var mutablePointer: UnsafeMutablePointer<Float> {
         precondition(dtype == .f32, "kernel expected an fp32 tensor, got \(dtype)")

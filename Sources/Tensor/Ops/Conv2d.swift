@@ -17,8 +17,16 @@ public enum Conv2d {
 
     /// x [N, Cin, H, W], w [Cout, Cin, kh, kw] (kh = kw = 1 or 3; w may be fp16/bf16: widened per call),
     /// b [Cout]? → [N, Cout, Ho, Wo].
-    public static func forward(_ x: Tensor, _ w: Tensor, _ b: Tensor?, stride: Int, padding: Int) -> Tensor {
+    /// `frozenWeight`: w's bytes never change (a base model's kernel), so the bf16 family reorders it once.
+    public static func forward(_ x: Tensor, _ w: Tensor, _ b: Tensor?, stride: Int, padding: Int,
+                               frozenWeight: Bool = false) -> Tensor {
         let g = Geometry(x: x.shape, w: w.shape, stride: stride, padding: padding)
+        if Kernels.family == .bf16 {
+            if let b { precondition(b.shape == [g.cout], "conv2d: bias \(b.shape) does not match weight \(w.shape)") }
+            let y = Tensor(uninitialized: [g.n, g.cout, g.ho, g.wo])
+            DNNL.convForward(x.fp32(), w, b, g.dnnl, frozen: frozenWeight, into: y)
+            return y
+        }
         let x = x.fp32(), w = w.fp32()
         let y = Tensor(uninitialized: [g.n, g.cout, g.ho, g.wo])
         let py = y.mutablePointer, px = x.pointer, pw = w.pointer
@@ -63,14 +71,21 @@ public enum Conv2d {
 
     /// Gradients of `forward` for upstream dY [N, Cout, Ho, Wo]. Only the requested ones are computed: a
     /// frozen weight (LoRA training) costs the input gradient alone.
+    /// The bf16 family computes the input gradient on oneDNN; the weight gradient (a trainable kernel: LoCon) stays
+    /// fp32 on both families.
     public static func backward(_ dY: Tensor, x: Tensor, w: Tensor, stride: Int, padding: Int,
-                                wantX: Bool, wantW: Bool, wantB: Bool) -> (dX: Tensor?, dW: Tensor?, dB: Tensor?) {
+                                wantX: Bool, wantW: Bool, wantB: Bool, frozenWeight: Bool = false)
+        -> (dX: Tensor?, dW: Tensor?, dB: Tensor?) {
         let g = Geometry(x: x.shape, w: w.shape, stride: stride, padding: padding)
         precondition(dY.shape == [g.n, g.cout, g.ho, g.wo],
                      "conv2d backward: gradient \(dY.shape) does not match output [\(g.n), \(g.cout), \(g.ho), \(g.wo)]")
         let dY = dY.fp32()
         var dX: Tensor?, dW: Tensor?, dB: Tensor?
-        if wantX { dX = inputGradient(dY, w: w.fp32(), g) }
+        if wantX, Kernels.family == .bf16 {
+            let d = Tensor(uninitialized: [g.n, g.cin, g.h, g.w])
+            DNNL.convBackwardData(dY, w, g.dnnl, frozen: frozenWeight, into: d)
+            dX = d
+        } else if wantX { dX = inputGradient(dY, w: w.fp32(), g) }
         if wantW { dW = weightGradient(dY, x: x.fp32(), g) }
         if wantB { dB = biasGradient(dY, g) }
         return (dX, dW, dB)
@@ -285,6 +300,10 @@ public enum Conv2d {
 
         /// A 1×1, stride-1, unpadded convolution: a GEMM on the image as it is.
         var isPointwise: Bool { kh == 1 && kw == 1 && stride == 1 && padding == 0 }
+
+        var dnnl: DNNL.ConvShape {
+            DNNL.ConvShape(n: n, cin: cin, h: h, w: w, cout: cout, kh: kh, kw: kw, stride: stride, padding: padding)
+        }
     }
 }
 
@@ -293,9 +312,13 @@ extension Tape {
     public func conv2d(_ x: Var, _ w: Var, _ b: Var? = nil, stride: Int = 1, padding: Int = 0) -> Var {
         let xv = x.value, wv = w.value
         let inputs = b.map { [x, w, $0] } ?? [x, w]
-        return record(Conv2d.forward(xv, wv, b?.value, stride: stride, padding: padding), inputs: inputs) { g, need in
-            let r = Conv2d.backward(g, x: xv, w: wv, stride: stride, padding: padding, wantX: need[0], wantW: need[1],
-                                    wantB: need.count > 2 && need[2])
+        let frozen = !w.requiresGrad, f = Kernels.family
+        let y = Conv2d.forward(xv, wv, b?.value, stride: stride, padding: padding, frozenWeight: frozen)
+        return record(y, inputs: inputs) { g, need in
+            let r = Kernels.with(f) {
+                Conv2d.backward(g, x: xv, w: wv, stride: stride, padding: padding, wantX: need[0], wantW: need[1],
+                                wantB: need.count > 2 && need[2], frozenWeight: frozen)
+            }
             return [r.dX, r.dW, r.dB]
         }
     }

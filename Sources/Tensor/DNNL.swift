@@ -1,0 +1,160 @@
+import CDNNL
+import Foundation
+
+/// oneDNN, the bf16 kernel family's GEMMs and convolutions (bf16 inputs, fp32 accumulation and outputs).
+///
+/// The library is loaded on first use (the shim sets OMP_WAIT_POLICY=PASSIVE before libgomp loads, so oneDNN's
+/// OpenMP threads sleep between calls instead of spinning on the cores the engine's threads and OpenBLAS's need).
+/// Calls are made from the engine's calling thread only, never from inside `parallelFor`.
+public enum DNNL {
+    private static let loaded: String? = {
+        var message = [CChar](repeating: 0, count: 512)
+        let rc = message.withUnsafeMutableBufferPointer { lora_dnnl_load($0.baseAddress, Int32($0.count)) }
+        if rc != 0 { return message.withUnsafeBufferPointer { String(cString: $0.baseAddress!) } }
+        lora_dnnl_set_threads(Int32(Threads.count))
+        return nil
+    }()
+
+    /// Why oneDNN cannot run bf16 here (nil when it can): the library is missing, or the CPU lacks AVX512-BF16.
+    public static var unavailableReason: String? {
+        if let error = loaded {
+            return "oneDNN could not be loaded (\(error)); install it with `apt-get install libdnnl-dev` (or run scripts/setup.sh)"
+        }
+        if lora_dnnl_has_bf16() == 0 {
+            return "this CPU has no AVX512-BF16 (oneDNN's ISA here: \(isaName)); bf16 would be emulated, several times slower than fp32"
+        }
+        return nil
+    }
+
+    /// libdnnl's version ("2.6.3"), or "not loaded".
+    public static var version: String { loaded == nil ? String(cString: lora_dnnl_version()) : "not loaded" }
+
+    /// oneDNN's name for the ISA it dispatches to.
+    public static var isaName: String {
+        switch lora_dnnl_isa() {
+        case 0: return "none"
+        case let v where v & 0x3E7 == 0x3E7: return "avx512_core_amx"
+        case let v where v & 0xE7 == 0xE7: return "avx512_core_bf16"
+        case let v where v & 0x67 == 0x67: return "avx512_core_vnni"
+        case let v where v & 0x27 == 0x27: return "avx512_core"
+        case let v where v & 0x7 == 0x7: return "avx2"
+        case let v: return String(format: "0x%x", v)
+        }
+    }
+
+    static func setThreads(_ n: Int) { lora_dnnl_set_threads(Int32(n)) }
+
+    private static func check(_ rc: Int32, _ what: @autoclosure () -> String) {
+        precondition(rc == 0, "oneDNN failed (status \(rc)) in \(what())")
+    }
+
+    /// `x` rounded to bf16 (round to nearest even), converted in parallel.
+    static func bf16(_ x: Tensor) -> Tensor {
+        if x.dtype == .bf16 { return x }
+        let x = x.fp32()
+        let out = Tensor(zeros: x.shape, dtype: .bf16)
+        let n = x.count, src = x.pointer
+        let dst = out.storage.bytes.assumingMemoryBound(to: UInt16.self)
+        parallelFor(n, grain: 1 << 16) { r in lora_dnnl_to_bf16(src + r.lowerBound, dst + r.lowerBound, r.count) }
+        return out
+    }
+
+    /// Row-major C[M,N] (fp32) = alpha · op(A) · op(B) + beta · C in bf16 with fp32 accumulation. A and B are read
+    /// as stored: bf16 in place, fp32 rounded to bf16 by the shim (one thread; large operands are converted with
+    /// `bf16(_:)` by the callers first), fp16 rounded here.
+    static func gemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float = 1, a: Tensor, lda: Int,
+                     b: Tensor, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+        let a = a.dtype == .f16 ? bf16(a) : a, b = b.dtype == .f16 ? bf16(b) : b
+        let rc = lora_dnnl_gemm(transA ? 1 : 0, transB ? 1 : 0, Int32(m), Int32(n), Int32(k), alpha,
+                                a.rawPointer, a.dtype == .bf16 ? 1 : 0, Int32(lda), b.rawPointer, b.dtype == .bf16 ? 1 : 0,
+                                Int32(ldb), beta, c, Int32(ldc), nil)
+        check(rc, "gemm \(m)×\(n)×\(k)")
+    }
+
+    /// The implementation oneDNN picked for a GEMM shape (for benches and tests).
+    public static func gemmImplementation(m: Int, n: Int, k: Int, transB: Bool) -> String {
+        let a = Tensor(zeros: [m, k], dtype: .bf16), b = Tensor(zeros: transB ? [n, k] : [k, n], dtype: .bf16)
+        let c = Tensor(uninitialized: [m, n])
+        var info = [CChar](repeating: 0, count: 256)
+        let rc = info.withUnsafeMutableBufferPointer {
+            lora_dnnl_gemm(0, transB ? 1 : 0, Int32(m), Int32(n), Int32(k), 1, a.rawPointer, 1, Int32(k), b.rawPointer,
+                           1, Int32(transB ? k : n), 0, c.mutablePointer, Int32(n), $0.baseAddress)
+        }
+        check(rc, "gemm \(m)×\(n)×\(k)")
+        return info.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+    }
+
+    // MARK: - Convolution
+
+    struct ConvShape: Hashable {
+        var n, cin, h, w, cout, kh, kw, stride, padding: Int
+        var c: lora_conv_shape {
+            lora_conv_shape(n: Int32(n), cin: Int32(cin), h: Int32(h), w: Int32(w), cout: Int32(cout), kh: Int32(kh),
+                            kw: Int32(kw), stride: Int32(stride), padding: Int32(padding))
+        }
+    }
+
+    /// Weights reordered into the layout of one convolution primitive (forward or input gradient).
+    final class PreparedWeights {
+        let handle: UnsafeMutableRawPointer
+        let bytes: Int
+        init(_ shape: ConvShape, backward: Bool, weights w: Tensor) {
+            let w = w.dtype == .f16 ? w.fp32() : w
+            var s = shape.c
+            var bytes = 0
+            guard let h = lora_dnnl_conv_prepare(&s, backward ? 1 : 0, w.rawPointer, w.dtype == .bf16 ? 1 : 0, &bytes) else {
+                preconditionFailure("oneDNN could not prepare conv weights \(w.shape) for \(shape)")
+            }
+            handle = h
+            self.bytes = bytes
+        }
+        deinit { lora_dnnl_conv_release(handle) }
+    }
+
+    /// Frozen weights are reordered once per (storage, offset, shape, direction) and kept while their storage lives
+    /// (a weak reference tells a live storage from a freed one whose address was reused).
+    private final class WeightEntry {
+        weak var storage: Storage?
+        let prepared: PreparedWeights
+        init(_ s: Storage, _ p: PreparedWeights) { storage = s; prepared = p }
+    }
+    private struct WeightKey: Hashable { let storage: ObjectIdentifier; let offset: Int; let shape: ConvShape; let backward: Bool }
+    nonisolated(unsafe) private static var weightCache: [WeightKey: WeightEntry] = [:]
+    private static let cacheLock = NSLock()
+
+    /// Bytes held by reordered frozen conv weights (what the bf16 path adds to memory for convolutions).
+    public static var preparedWeightBytes: Int {
+        cacheLock.lock(); defer { cacheLock.unlock() }
+        return weightCache.values.reduce(0) { $0 + ($1.storage == nil ? 0 : $1.prepared.bytes) }
+    }
+
+    static func prepared(_ shape: ConvShape, backward: Bool, weights w: Tensor, frozen: Bool) -> PreparedWeights {
+        guard frozen else { return PreparedWeights(shape, backward: backward, weights: w) }
+        let key = WeightKey(storage: ObjectIdentifier(w.storage), offset: w.byteOffset, shape: shape, backward: backward)
+        cacheLock.lock(); defer { cacheLock.unlock() }
+        if let e = weightCache[key], e.storage === w.storage { return e.prepared }
+        if weightCache.count > 64, weightCache.count % 64 == 0 { weightCache = weightCache.filter { $0.value.storage != nil } }
+        let p = PreparedWeights(shape, backward: backward, weights: w)
+        weightCache[key] = WeightEntry(w.storage, p)
+        return p
+    }
+
+    /// y = conv(x, w) + b, x fp32 NCHW; w [Cout, Cin, kh, kw]; `frozen`: w's bytes never change (reordered once).
+    static func convForward(_ x: Tensor, _ w: Tensor, _ b: Tensor?, _ shape: ConvShape, frozen: Bool, into y: Tensor) {
+        let p = prepared(shape, backward: false, weights: w, frozen: frozen)
+        var s = shape.c
+        let bias = b?.fp32()
+        let rc = lora_dnnl_conv_forward(&s, x.pointer, p.handle, bias?.pointer, y.mutablePointer, nil)
+        check(rc, "conv forward \(shape)")
+        withExtendedLifetime((p, bias)) {}
+    }
+
+    /// dX of a convolution from dY, both fp32 NCHW.
+    static func convBackwardData(_ dY: Tensor, _ w: Tensor, _ shape: ConvShape, frozen: Bool, into dX: Tensor) {
+        let p = prepared(shape, backward: true, weights: w, frozen: frozen)
+        var s = shape.c
+        let rc = lora_dnnl_conv_backward_data(&s, dY.pointer, p.handle, dX.mutablePointer, nil)
+        check(rc, "conv input gradient \(shape)")
+        withExtendedLifetime(p) {}
+    }
+}
