@@ -99,16 +99,18 @@ struct CacheCommand: ParsableCommand {
         engine.apply()
         let progress = RankLogging.progress()
         let rank = comm.rank
+        let familyLines = cfg.useKernelFamily()
+        if rank == 0 { for line in familyLines { print(line) } }
         do {
             let inputs = try RunInputs(config: cfg, communicator: comm)
             // The plan `lora-dist train` makes: the same sample ids, seed and world size give the same owner ranks.
             let plan = try TrainingPlan(config: cfg, dataset: inputs.dataset, worldSize: comm.size)
             let ckpt = try SDXLCheckpoint(path: inputs.modelPath)
-            let encoder = try LatentEncoder(checkpoint: ckpt, vaeFile: cfg.vae)
+            let encoder = try LatentEncoder(checkpoint: ckpt, vaeFile: cfg.vae, family: cfg.noHalfVAE ? .fp32 : Kernels.family)
             let cache = try LatentCache(storage: .disk(inputs.latentFolder))
             let start = Date()
             let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: encoder.identity,
-                                            communicator: comm, vae: encoder.load, progress: { n, mine in
+                                            communicator: comm, vae: encoder.load, family: encoder.family, progress: { n, mine in
                 let rate = Double(n) / max(Date().timeIntervalSince(start), 1e-9)
                 progress.info("encoded \(n)/\(mine) (this rank's share), \(String(format: "%.2f", rate)) images/s")
             })

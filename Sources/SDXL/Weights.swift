@@ -104,6 +104,13 @@ public final class WeightBinder {
 
     public init(_ source: WeightSource) { self.source = source }
 
+    private static let copyLock = NSLock()
+    nonisolated(unsafe) private static var copied = 0
+    /// Bytes of bf16 copies made of frozen fp32/fp16 weights in this process (what the bf16 family costs in memory
+    /// for a file not stored in bf16; 0 for a bf16 file, which is used as mapped).
+    public static var bf16CopyBytes: Int { copyLock.lock(); defer { copyLock.unlock() }; return copied }
+    static func countBF16Copy(_ bytes: Int) { copyLock.lock(); copied += bytes; copyLock.unlock() }
+
     /// Records a layer, tagged with its innermost enclosing container.
     func record(path: String, weightKey: String, kind: AdaptableLayer.Kind) {
         var container = AdaptableLayer.Container.other
@@ -129,13 +136,20 @@ public final class WeightBinder {
         precondition(!boundKeys.contains(key), "weight \(key) bound twice: two modules claim one key")
         boundKeys.insert(key)
         do {
-            guard let t = try source.tensor(key, expectedShape: shape) else {
+            guard var t = try source.tensor(key, expectedShape: shape) else {
                 missing.append(key)
                 return Tensor(zeros: shape)
             }
             guard t.shape == shape else {
                 mismatched.append((key, shape, t.shape))
                 return Tensor(zeros: shape)
+            }
+            // The bf16 family reads a matrix or kernel in bf16: an fp32/fp16 file's is rounded once here (the mapped
+            // original is then never touched), not on every use. Embedding tables, norms and biases stay as stored.
+            if Kernels.family == .bf16, t.dtype != .bf16, t.rank == 2 || t.rank == 4, key.hasSuffix(".weight"),
+               !key.contains("embedding") {
+                t = t.converted(to: .bf16)
+                WeightBinder.countBF16Copy(t.count * 2)
             }
             bound.append((key, t))
             return t

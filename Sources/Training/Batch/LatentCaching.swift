@@ -17,7 +17,8 @@ public struct LatentCaching {
 
     /// `vae` is made only if this rank has something to encode. `progress(done, mine)` after each encoded latent.
     public init(plan: TrainingPlan, cache: LatentCache, vaeIdentity: String, communicator: any Communicator,
-                vae: () throws -> VAE, progress: (Int, Int) -> Void = { _, _ in }) throws {
+                vae: () throws -> VAE, family: KernelFamily = Kernels.family,
+                progress: (Int, Int) -> Void = { _, _ in }) throws {
         let jobs = try plan.latentJobs(vaeIdentity: vaeIdentity)
         var keys: [String: [Bool: LatentKey]] = [:]
         var owner: [LatentKey: Int] = [:]
@@ -29,7 +30,7 @@ public struct LatentCaching {
         var model: VAE? = nil
         local = try CacheBuilder.build(jobs.map(\.job), cache: cache, isAssigned: { owner[$0.key] == rank }, encode: { x in
             if model == nil { model = try vae() }
-            let (mean, logvar) = model!.encode(Tape(recording: false), Var(x))
+            let (mean, logvar) = Kernels.with(family) { model!.encode(Tape(recording: false), Var(x)) }
             return (mean.value, logvar.value)
         }, progress: progress)
         // Every file is complete before any rank reads the cache.
@@ -47,8 +48,13 @@ public struct LatentEncoder {
     public let config: VAEConfig
     public let identity: String
     public let load: () throws -> VAE
+    /// The kernel family it encodes on; a bf16 latent's identity ends in "/bf16" (fp32 ones keep the plain identity).
+    public let family: KernelFamily
 
-    public init(checkpoint: SDXLCheckpoint, vaeFile: String?) throws {
+    /// `family`: the run's (Kernels.family), or fp32 where kohya's no_half_vae asks for it.
+    public init(checkpoint: SDXLCheckpoint, vaeFile: String?, family: KernelFamily = Kernels.family) throws {
+        self.family = family
+        let suffix = family == .bf16 ? "/bf16" : ""
         if let vaeFile {
             guard FileManager.default.fileExists(atPath: vaeFile) else {
                 throw TrainingError("vae: \(vaeFile) does not exist (a VAE .safetensors — single-file or diffusers names — or a diffusers vae/ folder)")
@@ -60,14 +66,14 @@ public struct LatentEncoder {
             }
             if let s = file.scalingFactor { config.scalingFactor = s }
             self.config = config
-            identity = try LatentCache.vaeIdentity(weightsPath: file.sourceName)
+            identity = try LatentCache.vaeIdentity(weightsPath: file.sourceName) + suffix
             load = { try file.vae() }
         } else {
             guard let config = checkpoint.vaeConfig else {
                 throw TrainingError("\(checkpoint.path) has no VAE (first_stage_model.*): give one with vae = FILE")
             }
             self.config = config
-            identity = try LatentCache.vaeIdentity(weightsPath: checkpoint.path)
+            identity = try LatentCache.vaeIdentity(weightsPath: checkpoint.path) + suffix
             load = { try checkpoint.vae() }
         }
         // LatentKey's latent shape is [4, H/8, W/8] (SDXL's VAE).

@@ -174,14 +174,14 @@ extension TrainingConfig {
             .int("max_train_epochs", \.maxTrainEpochs, .atLeastOne),
             .int("gradient_accumulation_steps", \.gradientAccumulationSteps, .atLeastOne, fingerprinted: true),
             .flag("gradient_checkpointing", \.gradientCheckpointing),
+            // What it means for the engine: TrainingConfig.useKernelFamily (said at start, with the fallback where the CPU
+            // lacks bf16). Not fingerprinted: a run may resume in another precision.
             F(key: "mixed_precision", kind: .string, fingerprinted: false, read: { .string($0.mixedPrecision) },
               apply: { c, v, _ in
                   guard case .string(let s) = v else { return }
                   c.mixedPrecision = try F.choose(s, ["no", "fp16", "bf16"], "mixed_precision", c)
-                  if s != "no" {
-                      c.notes.append("mixed_precision \(s): lora-dist computes in fp32 (base weights are stored 16-bit or wider); save_precision sets the file's dtype")
-                  }
               }),
+            .flag("no_half_vae", \.noHalfVAE),
             .int("seed", \.seed, fingerprinted: true),
 
             // [optimizer_arguments]

@@ -72,7 +72,6 @@ extension TrainingConfig {
         "full_bf16": "full_bf16: lora-dist keeps LoRA weights, gradients and optimizer state in fp32",
         "fp8_base": "fp8_base: lora-dist keeps the base model in 16-bit or wider and computes in fp32 (no fp8 rounding)",
         "fp8_base_unet": "fp8_base_unet: lora-dist keeps the base UNet in 16-bit or wider and computes in fp32 (no fp8 rounding)",
-        "no_half_vae": "no_half_vae: lora-dist's VAE always encodes in fp32",
         "vae_batch_size": "vae_batch_size: lora-dist encodes latents once per image into its cache (`lora-dist cache` spreads them over ranks)",
         "skip_cache_check": "skip_cache_check: lora-dist's cache entries validate themselves cheaply on read",
         "cache_info": "cache_info: lora-dist reads image sizes from file headers only; there is no metadata cache to keep",

@@ -1,6 +1,7 @@
 import Dataset
 import Distributed
 import Foundation
+import Tensor
 
 /// Everything a training run is told: kohya's training arguments (train_network.py / sdxl_train_network.py,
 /// names as kohya spells them in a TOML, here in Swift case) plus lora-dist's own `[lora_dist]` section.
@@ -57,6 +58,8 @@ public struct TrainingConfig: Sendable {
     public var gradientCheckpointing = false
     /// Accepted values "no", "fp16", "bf16"; lora-dist computes in fp32 either way (said at start).
     public var mixedPrecision = "no"
+    /// kohya's no_half_vae: the VAE encodes latents in fp32 even when mixed_precision computes the rest in bf16.
+    public var noHalfVAE = false
     public var seed: Int? = nil
     public var learningRate = 2.0e-6
     public var unetLR: Double? = nil
@@ -177,4 +180,25 @@ public struct LoraDistOptions: Sendable {
     public var strict = false
 
     public init() {}
+}
+
+extension TrainingConfig {
+    /// The kernel family mixed_precision asks for: bf16 for "bf16", and for "fp16" too (these CPUs have no fast fp16
+    /// arithmetic; bf16 has fp32's exponent range, so fp16's loss scaling is not needed); fp32 for "no".
+    public var requestedKernelFamily: KernelFamily { mixedPrecision == "no" ? .fp32 : .bf16 }
+
+    /// Switches this process to the family mixed_precision asks for (before any model work) and returns the lines to
+    /// say at start: what runs in which precision, and the fallback to fp32 where this machine cannot run bf16.
+    public func useKernelFamily() -> [String] {
+        var lines: [String] = []
+        if mixedPrecision == "fp16" {
+            lines.append("mixed_precision fp16: this CPU has no fast fp16 arithmetic; computing as bf16 (fp32's exponent range, no loss scaling)")
+        }
+        if let fallback = Kernels.use(requestedKernelFamily) {
+            lines.append("mixed_precision \(mixedPrecision): \(fallback)")
+        } else if requestedKernelFamily == .bf16 {
+            lines.append("mixed_precision \(mixedPrecision): linear layers, convolutions and LoRA products in bf16 on oneDNN \(DNNL.version) (fp32 accumulation); norms, softmax, the loss, LoRA weights, gradients and optimizer state in fp32\(noHalfVAE ? "; no_half_vae: the VAE encodes in fp32" : "")")
+        }
+        return lines
+    }
 }

@@ -69,6 +69,8 @@ final class TrainingStages {
     init(config: TrainingConfig, communicator: any Communicator, say: (String) -> Void) throws {
         self.config = config
         self.communicator = communicator
+        // The kernel family first: frozen weights are bound for it (WeightBinder) and latents are keyed by it.
+        for line in config.useKernelFamily() { say(line) }
         let inputs = try RunInputs(config: config, communicator: communicator)
         outputDirectory = inputs.outputDirectory
         checkpoint = try SDXLCheckpoint(path: inputs.modelPath)
@@ -83,6 +85,9 @@ final class TrainingStages {
         // bigG's text_projection untransposed, which gives another pooled vector — we train with the inference one.
         let encoders = try checkpoint.textEncoders(pooledProjection: .openCLIP)
         unet = try checkpoint.unet()
+        if WeightBinder.bf16CopyBytes > 0 {
+            say(String(format: "mixed_precision: the frozen matrices and kernels of %@ (not stored in bf16) were rounded to bf16 once: %.2f GB", inputs.modelPath, Double(WeightBinder.bf16CopyBytes) / 1e9))
+        }
         let spec = LoRASpec(linearRank: net.linearDim, linearAlpha: Float(net.linearAlpha), convRank: net.convDim,
                             convAlpha: net.convAlpha.map(Float.init), dropout: net.dropout.map(Float.init),
                             rankDropout: net.rankDropout.map(Float.init), moduleDropout: net.moduleDropout.map(Float.init))
@@ -141,9 +146,9 @@ final class TrainingStages {
         // file, else the checkpoint's; its shape is checked here, before anything is encoded.
         let latentFolder = inputs.latentFolder
         let cache = try LatentCache(storage: .disk(latentFolder))
-        let encoder = try LatentEncoder(checkpoint: checkpoint, vaeFile: config.vae)
+        let encoder = try LatentEncoder(checkpoint: checkpoint, vaeFile: config.vae, family: config.noHalfVAE ? .fp32 : Kernels.family)
         let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: encoder.identity,
-                                        communicator: communicator, vae: encoder.load)
+                                        communicator: communicator, vae: encoder.load, family: encoder.family)
         for issue in caching.local.rebuilt { log.warning("\(issue.path): \(issue.reason)") }
         say("latent cache \(latentFolder.path): \(caching.hits) reused, \(caching.misses + caching.rebuilt) encoded")
         batches = BatchAssembler(plan: plan, latents: cache, latentKeys: caching.keys, cacheFolder: latentFolder,
