@@ -295,8 +295,18 @@ typedef struct {
     char info[96];
 } conv_entry;
 
-#define CONV_SLOTS 256
+#define CONV_SLOTS 1024
 static conv_entry convs[CONV_SLOTS];
+
+static void convRelease(conv_entry *e) {
+    if (!e->used) return;
+    p_dnnl_primitive_destroy(e->prim);
+    if (e->reorderIn) p_dnnl_primitive_destroy(e->reorderIn);
+    if (e->reorderOut) p_dnnl_primitive_destroy(e->reorderOut);
+    dnnl_memory_t ms[6] = {e->inUser, e->inConv, e->w, e->bias, e->outConv, e->outUser};
+    for (int i = 0; i < 6; i++) p_dnnl_memory_destroy(ms[i]);
+    memset(e, 0, sizeof *e);
+}
 
 static int outSize(int n, int k, int s, int p) { return (n + 2 * p - k) / s + 1; }
 
@@ -386,7 +396,7 @@ static conv_entry *convEntry(const lora_conv_shape *s, int backward, dnnl_status
     const int *k = (const int *)s;
     for (size_t i = 0; i < sizeof *s / sizeof(int); i++) h = (h ^ (uint32_t)k[i]) * 1099511628211ull;
     h = (h ^ (uint32_t)backward) * 1099511628211ull;
-    for (int probe = 0; probe < CONV_SLOTS; probe++) {
+    for (int probe = 0; probe < 16; probe++) {
         conv_entry *e = &convs[(h + probe) % CONV_SLOTS];
         if (e->used && e->backward == backward && memcmp(&e->s, s, sizeof *s) == 0) return e;
         if (!e->used) {
@@ -394,36 +404,61 @@ static conv_entry *convEntry(const lora_conv_shape *s, int backward, dnnl_status
             return *st ? NULL : e;
         }
     }
-    *st = dnnl_out_of_memory;  // more than CONV_SLOTS distinct convolutions
-    return NULL;
+    // 16 colliding geometries (every bucket size makes its own): replace the first. Prepared weights stay valid: a
+    // geometry's primitive is recreated with the same weights layout.
+    conv_entry *e = &convs[h % CONV_SLOTS];
+    convRelease(e);
+    *st = convCreate(e, s, backward);
+    return *st ? NULL : e;
 }
 
 typedef struct {
     size_t bytes;
     int backward;
-    lora_conv_shape s;
+    dnnl_memory_desc_t layout;
     void *data;
 } prepared_weights;
 
-void *lora_dnnl_conv_prepare(const lora_conv_shape *s, int backward, const void *w, int wIsBF16, size_t *bytes) {
+static uint64_t layoutHash(const dnnl_memory_desc_t *md) {
+    // The descriptor is plain data that oneDNN fills completely (zeros where unused).
+    uint64_t h = 1469598103934665603ull;
+    const unsigned char *b = (const unsigned char *)md;
+    for (size_t i = 0; i < sizeof *md; i++) h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+unsigned long long lora_dnnl_conv_weights_layout(const lora_conv_shape *s, int backward, int *status) {
+    if (loadStatus != 0) return 0;
+    pthread_mutex_lock(&lock);
+    applyThreads();
+    dnnl_status_t st = dnnl_success;
+    conv_entry *e = convEntry(s, backward, &st);
+    uint64_t h = e ? layoutHash(&e->weights) : 0;
+    if (status) *status = st;
+    pthread_mutex_unlock(&lock);
+    return h;
+}
+
+void *lora_dnnl_conv_prepare(const lora_conv_shape *s, int backward, const void *w, int wIsBF16, size_t *bytes,
+                             int *status) {
     if (loadStatus != 0) return NULL;
     pthread_mutex_lock(&lock);
     applyThreads();
-    dnnl_status_t st;
+    dnnl_status_t st = dnnl_success;
     prepared_weights *p = NULL;
     conv_entry *e = convEntry(s, backward, &st);
     if (!e) goto done;
     dnnl_dims_t wd = {s->cout, s->cin, s->kh, s->kw};
     dnnl_memory_desc_t user;
-    if (p_dnnl_memory_desc_init_by_tag(&user, 4, wd, wIsBF16 ? dnnl_bf16 : dnnl_f32, dnnl_oihw)) goto done;
+    if ((st = p_dnnl_memory_desc_init_by_tag(&user, 4, wd, wIsBF16 ? dnnl_bf16 : dnnl_f32, dnnl_oihw))) goto done;
     p = calloc(1, sizeof *p);
     p->bytes = p_dnnl_memory_desc_get_size(&e->weights);
     p->backward = backward;
-    p->s = *s;
+    p->layout = e->weights;
     if (posix_memalign(&p->data, 64, p->bytes) != 0) { free(p); p = NULL; goto done; }
     dnnl_primitive_t reorder;
     dnnl_memory_t from, to;
-    if (reorderBetween(&user, &e->weights, &reorder) == dnnl_success) {
+    if ((st = reorderBetween(&user, &e->weights, &reorder)) == dnnl_success) {
         if (!reorder) {
             memcpy(p->data, w, p->bytes);
         } else {
@@ -443,6 +478,7 @@ void *lora_dnnl_conv_prepare(const lora_conv_shape *s, int backward, const void 
         p = NULL;
     }
 done:
+    if (status) *status = st;
     pthread_mutex_unlock(&lock);
     return p;
 }
@@ -462,12 +498,13 @@ static dnnl_status_t reorderInto(dnnl_primitive_t r, dnnl_memory_t from, dnnl_me
 static int convRun(const lora_conv_shape *s, int backward, const float *in, const void *prepared, const float *bias,
                    float *out, char *info) {
     const prepared_weights *p = prepared;
-    if (loadStatus != 0 || !p || p->backward != backward || memcmp(&p->s, s, sizeof *s) != 0) return dnnl_invalid_arguments;
+    if (loadStatus != 0 || !p || p->backward != backward) return dnnl_invalid_arguments;
     pthread_mutex_lock(&lock);
     applyThreads();
     dnnl_status_t st = dnnl_success;
     conv_entry *e = convEntry(s, backward, &st);
     if (!e) goto done;
+    if (!p_dnnl_memory_desc_equal(&p->layout, &e->weights)) { st = dnnl_invalid_arguments; goto done; }
     p_dnnl_memory_set_data_handle(e->inUser, (void *)in);
     if (e->reorderIn) {
         void *buf = scratchBuffer(2, e->inBytes);

@@ -45,7 +45,7 @@ public enum DNNL {
     static func setThreads(_ n: Int) { lora_dnnl_set_threads(Int32(n)) }
 
     private static func check(_ rc: Int32, _ what: @autoclosure () -> String) {
-        precondition(rc == 0, "oneDNN failed (status \(rc)) in \(what())")
+        if rc != 0 { fatalError("oneDNN failed (status \(rc)) in \(what())") }
     }
 
     /// `x` rounded to bf16 (round to nearest even), converted in parallel.
@@ -102,8 +102,9 @@ public enum DNNL {
             let w = w.dtype == .f16 ? w.fp32() : w
             var s = shape.c
             var bytes = 0
-            guard let h = lora_dnnl_conv_prepare(&s, backward ? 1 : 0, w.rawPointer, w.dtype == .bf16 ? 1 : 0, &bytes) else {
-                preconditionFailure("oneDNN could not prepare conv weights \(w.shape) for \(shape)")
+            var status: Int32 = 0
+            guard let h = lora_dnnl_conv_prepare(&s, backward ? 1 : 0, w.rawPointer, w.dtype == .bf16 ? 1 : 0, &bytes, &status) else {
+                fatalError("oneDNN could not prepare conv weights \(w.shape) (\(w.dtype)) for \(shape), backward \(backward): status \(status)")
             }
             handle = h
             self.bytes = bytes
@@ -118,7 +119,7 @@ public enum DNNL {
         let prepared: PreparedWeights
         init(_ s: Storage, _ p: PreparedWeights) { storage = s; prepared = p }
     }
-    private struct WeightKey: Hashable { let storage: ObjectIdentifier; let offset: Int; let shape: ConvShape; let backward: Bool }
+    private struct WeightKey: Hashable { let storage: ObjectIdentifier; let offset: Int; let layout: UInt64 }
     nonisolated(unsafe) private static var weightCache: [WeightKey: WeightEntry] = [:]
     private static let cacheLock = NSLock()
 
@@ -130,7 +131,11 @@ public enum DNNL {
 
     static func prepared(_ shape: ConvShape, backward: Bool, weights w: Tensor, frozen: Bool) -> PreparedWeights {
         guard frozen else { return PreparedWeights(shape, backward: backward, weights: w) }
-        let key = WeightKey(storage: ObjectIdentifier(w.storage), offset: w.byteOffset, shape: shape, backward: backward)
+        var s = shape.c, status: Int32 = 0
+        let layout = lora_dnnl_conv_weights_layout(&s, backward ? 1 : 0, &status)
+        if layout == 0 { fatalError("oneDNN has no bf16 convolution for \(shape) (status \(status))") }
+        // The layout hash covers the kernel's shape and direction-specific blocking; equal hashes share one copy.
+        let key = WeightKey(storage: ObjectIdentifier(w.storage), offset: w.byteOffset, layout: layout)
         cacheLock.lock(); defer { cacheLock.unlock() }
         if let e = weightCache[key], e.storage === w.storage { return e.prepared }
         if weightCache.count > 64, weightCache.count % 64 == 0 { weightCache = weightCache.filter { $0.value.storage != nil } }

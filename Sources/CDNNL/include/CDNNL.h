@@ -40,8 +40,13 @@ typedef struct {
 
 /// Frozen weights [Cout, Cin, kh, kw] (fp32 or bf16) reordered once into the layout the forward (backward = 0)
 /// or the input-gradient (backward = 1) primitive wants. NULL on failure. `bytes` receives its size.
-void *lora_dnnl_conv_prepare(const lora_conv_shape *shape, int backward, const void *w, int wIsBF16, size_t *bytes);
+/// `status` receives the dnnl_status_t of a failure.
+void *lora_dnnl_conv_prepare(const lora_conv_shape *shape, int backward, const void *w, int wIsBF16, size_t *bytes,
+                             int *status);
 void lora_dnnl_conv_release(void *prepared);
+/// A hash of the weights layout the (shape, direction) primitive wants: geometries with equal hashes share prepared
+/// weights (a frozen kernel is reordered once per layout, not once per image size). 0 with `status` set on failure.
+unsigned long long lora_dnnl_conv_weights_layout(const lora_conv_shape *shape, int backward, int *status);
 
 /// y [N, Cout, Ho, Wo] = conv(x [N, Cin, H, W], prepared weights) + bias (may be NULL). 0 or a dnnl_status_t.
 int lora_dnnl_conv_forward(const lora_conv_shape *shape, const float *x, const void *prepared, const float *bias,

@@ -86,7 +86,7 @@ final class TrainingStages {
         let encoders = try checkpoint.textEncoders(pooledProjection: .openCLIP)
         unet = try checkpoint.unet()
         if WeightBinder.bf16CopyBytes > 0 {
-            say(String(format: "mixed_precision: the frozen matrices and kernels of %@ (not stored in bf16) were rounded to bf16 once: %.2f GB", inputs.modelPath, Double(WeightBinder.bf16CopyBytes) / 1e9))
+            say(String(format: "mixed_precision: the UNet's frozen matrices and kernels (%@ does not store them in bf16) were rounded to bf16 once: %.1f MB", inputs.modelPath, Double(WeightBinder.bf16CopyBytes) / 1e6))
         }
         let spec = LoRASpec(linearRank: net.linearDim, linearAlpha: Float(net.linearAlpha), convRank: net.convDim,
                             convAlpha: net.convAlpha.map(Float.init), dropout: net.dropout.map(Float.init),
@@ -180,7 +180,7 @@ final class TrainingStages {
         lines.append("LoRA: \(network.modules.count) modules (\(counts)), \(network.parameterCount) parameters (rank \(network.spec.linearRank), alpha \(network.spec.linearAlpha)"
             + (network.spec.convRank.map { ", conv rank \($0)" } ?? "") + "); optimizer \(update.optimizer.name), lr "
             + zip(layout.groupNames, update.baseLearningRates).map { "\($0) \($1)" }.joined(separator: ", ") + ", schedule \(config.lrScheduler)")
-        lines.append("wire format \(config.lora.wireFormat.rawValue); gradient checkpointing \(config.gradientCheckpointing ? "on" : "off"); computing in fp32")
+        lines.append("wire format \(config.lora.wireFormat.rawValue); gradient checkpointing \(config.gradientCheckpointing ? "on" : "off"); computing in \(Kernels.family == .bf16 ? "bf16 (oneDNN; fp32 accumulation)" : "fp32")")
         return lines
     }
 }
