@@ -51,7 +51,37 @@ def randn(shape, seed, std=1.0):
 
 
 def make_row(spec):
-    """Returns a function that runs one timed iteration."""
+    """Returns a function that runs one timed iteration. "bf16.<row>": the row as kohya's mixed_precision = "bf16"
+    runs it — frozen weights cast to bf16 once, the op under torch.autocast("cpu", bfloat16)."""
+    if spec.startswith("bf16."):
+        inner = spec[5:]
+        kind = inner.split(":", 1)[0]
+        if kind == "linear":
+            m, k, n = ints(inner, 3)
+            x, w = randn([m, k], 1), randn([n, k], 2, 0.05).bfloat16()
+
+            def run():
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    F.linear(x, w)
+            return run
+        if kind in ("conv_fwd", "conv_dx"):
+            n, cin, h, wd, cout, s, p = ints(inner, 7)
+            x = randn([n, cin, h, wd], 1)
+            w, b = randn([cout, cin, 3, 3], 2, 0.02).bfloat16(), randn([cout], 3, 0.1).bfloat16()
+            if kind == "conv_fwd":
+                def run():
+                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                        F.conv2d(x, w, b, stride=s, padding=p)
+                return run
+            x.requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = F.conv2d(x, w, b, stride=s, padding=p)
+            dy = randn(list(y.shape), 4).bfloat16()
+
+            def run():
+                torch.autograd.grad(y, x, dy, retain_graph=True)
+            return run
+        raise SystemExit(f"no bf16 variant of {spec}")
     kind = spec.split(":", 1)[0]
     if kind == "linear":
         m, k, n = ints(spec, 3)

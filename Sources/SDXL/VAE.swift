@@ -76,8 +76,8 @@ public struct VAEConfigError: Error, CustomStringConvertible {
 /// The SDXL VAE (LDM AutoencoderKL) in the single-file key space under `first_stage_model.`, matching
 /// diffusers' `AutoencoderKL` (`convert_ldm_vae_checkpoint` maps between the two key spaces).
 ///
-/// It always computes in fp32 — SDXL's VAE overflows fp16 — while fp16/bf16 weights stay in the file's
-/// dtype and are widened per op by the kernels.
+/// It computes on the current kernel family (Kernels): fp32, or bf16 with fp32 accumulation (bf16 has fp32's
+/// exponent range, so SDXL's VAE does not overflow as it does in fp16); kohya's no_half_vae keeps it fp32.
 ///
 /// Latent caching (kohya `cache_latents`, diffusers training scripts): `encode` gives the posterior's
 /// mean and log-variance; the cached latent is `scalingFactor · (mean + exp(logvar / 2) · noise)` (or

@@ -1,5 +1,5 @@
-/// Element types a tensor can be stored in. Compute is always fp32: fp16/bf16 exist so frozen weights
-/// can stay in their file's precision (or be memory-mapped) and be widened one operation at a time.
+/// Element types a tensor can be stored in. fp16/bf16 let frozen weights stay in their file's precision (or be
+/// memory-mapped); the fp32 kernel family widens them one operation at a time, the bf16 family reads bf16 directly.
 public enum DType: String, Sendable, CaseIterable {
     case f32, f16, bf16
 

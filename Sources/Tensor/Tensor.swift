@@ -1,7 +1,8 @@
 /// An n-dimensional, contiguous, row-major array (NCHW for images).
 ///
 /// Tensors are values: operations return new tensors and never write into their inputs. Storage may be
-/// fp32, fp16 or bf16; every kernel computes in fp32 and widens narrower inputs one operation at a time.
+/// fp32, fp16 or bf16; kernels compute in fp32 (widening narrower inputs one operation at a time), except the bf16
+/// family's GEMMs and convolutions, which read bf16 and accumulate in fp32 (Kernels.swift).
 public struct Tensor: @unchecked Sendable {
     public let shape: [Int]
     public let dtype: DType

@@ -52,6 +52,7 @@ func parseOptions() -> Options {
             print("       lora-dist-bench --serve   (reads 'spec reps minTime' lines on stdin, answers one JSON line each)")
             print("kinds: sgemm:M,N,K,transA,transB  linear:M,K,N  conv_fwd|conv_dx:N,Cin,H,W,Cout,stride,pad")
             print("       attn:B,Nq,Nk,C,heads  gn:N,C,H,W,groups  geglu:B,M,twoF")
+            print("       bf16.linear:…  bf16.conv_fwd:…  bf16.conv_dx:…  (the bf16 kernel family, bf16 frozen weights)")
             exit(0)
         default: fail("unknown argument \(a)")
         }
@@ -159,6 +160,37 @@ func ints(_ spec: String, _ count: Int) -> [Int] {
 }
 
 func makeRow(_ spec: String) -> Row {
+    // "bf16.<row>": the row in the bf16 kernel family (oneDNN), frozen weights in bf16 as training keeps them.
+    if spec.hasPrefix("bf16.") {
+        if let why = Kernels.bf16UnavailableReason { fail(why) }
+        let inner = String(spec.dropFirst(5))
+        let kind = String(inner.split(separator: ":").first ?? "")
+        switch kind {
+        case "linear":
+            let v = ints(inner, 3)
+            let x = Tensor(randomNormal: [v[0], v[1]], seed: 1)
+            let w = Tensor(randomNormal: [v[2], v[1]], std: 0.05, seed: 2).converted(to: .bf16)
+            return Row { Kernels.with(.bf16) { consume(Linear.forward(x, w, nil)) } }
+        case "conv_fwd", "conv_dx":
+            let v = ints(inner, 7)
+            let (n, cin, h, wd, cout, stride, pad) = (v[0], v[1], v[2], v[3], v[4], v[5], v[6])
+            let x = Tensor(randomNormal: [n, cin, h, wd], seed: 1)
+            let w = Tensor(randomNormal: [cout, cin, 3, 3], std: 0.02, seed: 2).converted(to: .bf16)
+            let b = Tensor(randomNormal: [cout], std: 0.1, seed: 3)
+            if kind == "conv_fwd" {
+                return Row { Kernels.with(.bf16) { consume(Conv2d.forward(x, w, b, stride: stride, padding: pad, frozenWeight: true)) } }
+            }
+            let ho = (h + 2 * pad - 3) / stride + 1, wo = (wd + 2 * pad - 3) / stride + 1
+            let dY = Tensor(randomNormal: [n, cout, ho, wo], seed: 4)
+            return Row {
+                Kernels.with(.bf16) {
+                    consume(Conv2d.backward(dY, x: x, w: w, stride: stride, padding: pad, wantX: true, wantW: false,
+                                            wantB: false, frozenWeight: true).dX)
+                }
+            }
+        default: fail("no bf16 variant of \(spec)")
+        }
+    }
     let kind = String(spec.split(separator: ":").first ?? "")
     switch kind {
     case "sgemm":

@@ -2,7 +2,7 @@
 // case's own). The PyTorch counterpart is bench/train/torch_train.py; bench/train/report.py runs both.
 //
 //   TrainBench --model FILE [--latent 64] [--batch 1] [--rank 16] [--alpha 16] [--checkpointing]
-//              [--text-encoders] [--steps 3] [--warmup 1] [--threads 2]
+//              [--text-encoders] [--steps 3] [--warmup 1] [--threads 2] [--bf16]
 //
 // --text-encoders (a full checkpoint: make-model --preset sdxl without --unet-only): the text encoders' LoRA is trained
 // too (kohya's default; 264 more modules on SDXL at the same rank): every step runs CLIP-L and bigG forward and
@@ -36,6 +36,7 @@ struct Options {
     var rank = 16
     var alpha: Float = 16
     var checkpointing = false
+    var bf16 = false
     var steps = 3
     var warmup = 1
     var threads = 2
@@ -74,6 +75,7 @@ func parseOptions() -> Options {
         case "--steps": o.steps = int(a)
         case "--warmup": o.warmup = int(a)
         case "--threads": o.threads = int(a)
+        case "--bf16": o.bf16 = true
         default: fail("unknown argument \(a) (see the header of bench/TrainBench/main.swift)")
         }
     }
@@ -117,8 +119,10 @@ func mb(_ kb: Int) -> String { String(format: "%.0f", Double(kb) / 1024) }
 func benchMain() {
     let o = parseOptions()
     Threads.set(o.threads)
+    // Before the model binds its weights: the bf16 family rounds an fp32/fp16 file's matrices once at bind.
+    if o.bf16, let why = Kernels.use(.bf16) { fail(why) }
     emit([("side", jsonString("lora-dist")),
-          ("info", "{\"core\":\(jsonString(BLAS.coreName)),\"threads\":\(BLAS.threads)}")])
+          ("info", "{\"core\":\(jsonString(BLAS.coreName)),\"threads\":\(BLAS.threads),\"family\":\(jsonString(Kernels.family.rawValue)),\"onednn\":\(jsonString(DNNL.version))}")])
 
     let t0 = now()
     let unet: UNet
@@ -188,12 +192,14 @@ func benchMain() {
             optimizerTimes.append(s2 - s1)
         }
     }
-    let name = "train\(o.textEncoders ? "+te" : "")\(o.checkpointing ? "+ckpt" : ""):\(l):b\(b):r\(o.rank)"
+    let name = "train\(o.textEncoders ? "+te" : "")\(o.checkpointing ? "+ckpt" : "")\(o.bf16 ? "+bf16" : ""):\(l):b\(b):r\(o.rank)"
     emit([("side", jsonString("lora-dist")), ("case", jsonString(name)),
           ("samples", jsonList(total)), ("optimizer_samples", jsonList(optimizerTimes)),
           ("peak_mb", mb(procStatusKB("VmHWM"))), ("rss_loaded_mb", mb(rssLoaded)), ("rss_end_mb", mb(procStatusKB("VmRSS"))),
           ("load_s", String(format: "%.2f", loadSeconds)), ("modules", "\(network.modules.count)"),
-          ("lora_params", "\(network.parameterCount)"), ("losses", jsonList(losses, "%.6g"))])
+          ("lora_params", "\(network.parameterCount)"), ("losses", jsonList(losses, "%.6g")),
+          ("bf16_copies_mb", String(format: "%.0f", Double(WeightBinder.bf16CopyBytes) / 1e6)),
+          ("conv_weights_mb", String(format: "%.0f", Double(DNNL.preparedWeightBytes) / 1e6))])
 }
 
 benchMain()

@@ -15,7 +15,8 @@ LoRA: peft LoraConfig(r, lora_alpha, target_modules = every Linear inside the tr
   UNet targets, 722 modules on SDXL (checked below against the lora-dist count passed as --expect-modules).
 A step, as TrainBench's: zero the LoRA gradients, forward, MSE loss against the noise (fp32), backward (to the LoRA
   weights only), clip_grad_norm_(1.0), torch.optim.AdamW (lr 1e-4) over the LoRA parameters.
-  --precision bf16-autocast runs forward + loss under torch.autocast("cpu", bfloat16) (weights stay fp32).
+  --precision bf16-autocast runs forward + loss under torch.autocast("cpu", bfloat16) (weights stay fp32);
+  bf16-kohya also casts the frozen UNet to bf16 first (kohya's weight_dtype for mixed_precision = "bf16").
   --checkpointing: unet.enable_gradient_checkpointing().
 Inputs: x0, noise [B, 4, L, L], context [B, 77, ctx], text_embeds, time_ids ~ N(0, 1); timestep 500; noisy latents
   from diffusers' DDPMScheduler with kohya's schedule (scaled_linear 0.00085 → 0.012, 1000 steps).
@@ -79,10 +80,11 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=16)
-    ap.add_argument("--precision", choices=["fp32", "bf16-autocast"], default="fp32")
+    ap.add_argument("--precision", choices=["fp32", "bf16-autocast", "bf16-kohya"], default="fp32")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--count-flops", action="store_true", help="count the step's FLOPs (FlopCounterMode) on an extra untimed step")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--expect-modules", type=int, default=None,
                     help="fail unless peft wrapped exactly this many Linear modules (lora-dist's count)")
@@ -104,6 +106,12 @@ def main():
     lora_params = sum(p.numel() for p in params)
     if a.expect_modules is not None and modules != a.expect_modules:
         raise SystemExit(f"peft wrapped {modules} modules, lora-dist has {a.expect_modules}: the targets differ")
+    if a.precision == "bf16-kohya":
+        # kohya's mixed_precision = "bf16" for a LoRA: the frozen UNet is cast to bf16 once (weight_dtype), the LoRA
+        # stays fp32, and the forward runs under autocast.
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     if a.checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -126,11 +134,29 @@ def main():
         pred = unet(noisy, timesteps, ctx, added_cond_kwargs=cond).sample
         return F.mse_loss(pred.float(), noise)
 
+    flops = None
+    if a.count_flops:
+        # The step's matrix work as PyTorch counts it (mm/bmm/addmm/conv/attention, forward + the backward that runs:
+        # frozen weights get no weight gradient), on one untimed step before the others.
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            if a.precision != "fp32":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = loss_fn()
+            else:
+                loss = loss_fn()
+            loss.backward()
+        flops = counter.get_total_flops()
+        opt.zero_grad(set_to_none=True)
+        del loss
+        log(f"counted {flops / 1e12:.3f} TFLOP per step")
+
     total, opt_times, losses = [], [], []
     for step in range(a.warmup + a.steps):
         s0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        if a.precision == "bf16-autocast":
+        if a.precision in ("bf16-autocast", "bf16-kohya"):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = loss_fn()
         else:
@@ -154,7 +180,7 @@ def main():
           "samples": [round(t, 4) for t in total], "optimizer_samples": [round(t, 4) for t in opt_times],
           "peak_mb": proc_status_kb("VmHWM") // 1024, "rss_loaded_mb": rss_loaded // 1024,
           "rss_end_mb": proc_status_kb("VmRSS") // 1024, "load_s": round(load_s, 2), "modules": modules,
-          "lora_params": lora_params, "losses": [round(v, 6) for v in losses]})
+          "lora_params": lora_params, "losses": [round(v, 6) for v in losses], "flops": flops})
 
 
 if __name__ == "__main__":

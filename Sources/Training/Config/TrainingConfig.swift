@@ -56,7 +56,7 @@ public struct TrainingConfig: Sendable {
     public var maxTrainEpochs: Int? = nil
     public var gradientAccumulationSteps = 1
     public var gradientCheckpointing = false
-    /// Accepted values "no", "fp16", "bf16"; lora-dist computes in fp32 either way (said at start).
+    /// Accepted values "no" (fp32 kernels), "bf16" and "fp16" (both the bf16 kernel family; see useKernelFamily).
     public var mixedPrecision = "no"
     /// kohya's no_half_vae: the VAE encodes latents in fp32 even when mixed_precision computes the rest in bf16.
     public var noHalfVAE = false

@@ -130,8 +130,8 @@ extension TrainingConfig {
     /// settings), network, optimizer and its arguments, learning rates and schedule shape, seed, batch size,
     /// accumulation, noise and loss settings, wire format, cache mode, trigger, resolutions. Not in it: output
     /// paths and names, save cadence and keep rules, logging, `resume` itself, max_train_steps / max_train_epochs
-    /// (a run may be extended), caching switches, gradient checkpointing, mixed_precision (fp32 compute either
-    /// way), threads per rank. A saved state records it; `--resume` must refuse a state whose fingerprint differs.
+    /// (a run may be extended), caching switches, gradient checkpointing, mixed_precision (a run may resume in
+    /// another precision; the LoRA and optimizer state are fp32 either way), threads per rank. A saved state records it; `--resume` must refuse a state whose fingerprint differs.
     public var fingerprint: String {
         var parts: [String] = []
         func add(_ k: String, _ v: Any?) { parts.append("\(k)=\(v.map { String(reflecting: $0) } ?? "nil")") }

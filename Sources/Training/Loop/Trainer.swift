@@ -36,6 +36,10 @@ public final class Trainer {
     @discardableResult
     public func run(resume: String? = nil) throws -> TrainingOutcome {
         let wallStart = Date()
+        // The stages switch the process to the config's kernel family; a run in a process that does more (tests, an
+        // embedding application) leaves it as it found it.
+        let family = Kernels.family
+        defer { Kernels.use(family) }
         let stages = try TrainingStages(config: config, communicator: communicator, say: say)
         return try TrainingLoop(stages: stages, say: say).run(resume: resume ?? config.resume, wallStart: wallStart)
     }
