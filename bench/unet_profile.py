@@ -44,6 +44,9 @@ OPS = [
 ]
 
 LEAVES = [
+    ("oneDNN kernels", re.compile(r"dnnl|jit_|brgemm|brgconv")),
+    ("fp32→bf16 rounding", re.compile(r"lora_dnnl_to_bf16|packBF16")),
+    ("OpenMP wait", re.compile(r"gomp_|GOMP_")),
     ("sgemm", re.compile(r"sgemm|exec_blas|inner_thread|blas_thread")),
     ("page zeroing (new allocations)", re.compile(r"clear_page|folio_zero|do_huge_pmd|do_anonymous_page|alloc_pages|get_page_from_freelist")),
     ("bf16→fp32 widen", re.compile(r"widen")),
@@ -65,6 +68,7 @@ def main():
     ap.add_argument("--model", default=os.path.join(HERE, "out", "sdxl_unet_bf16.safetensors"))
     ap.add_argument("--latent", type=int, default=64)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="the bf16 kernel family (lora-dist-unet-bench --bf16)")
     ap.add_argument("--freq", type=int, default=97)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "out", "unet_profile.md"))
@@ -73,7 +77,8 @@ def main():
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     data = os.path.join(HERE, "out", "unet_profile.perf.data")
     cmd = [BIN, "--model", a.model, "--latent", str(a.latent), "--mode", "backward", "--warmup", "1",
-           "--steps", "1", "--threads", str(a.threads)] + (["--checkpointing"] if a.checkpointing else [])
+           "--steps", "1", "--threads", str(a.threads)] + (["--checkpointing"] if a.checkpointing else []) + (
+           ["--bf16"] if a.bf16 else [])
     saved = os.path.join(HERE, "out", "unet_profile.json")
     if not a.reuse:
         rec = ["perf", "record", "-q", "-k", "CLOCK_MONOTONIC", "-F", str(a.freq), "--call-graph", "dwarf,16384",
@@ -126,7 +131,7 @@ def main():
     ops = sorted({k[1] for k in cells}, key=lambda o: -sum(v for k, v in cells.items() if k[1] == o))
     leaves = [n for n, _ in LEAVES] + ["op's own loops"]
     L = []
-    L.append(f"Profile of one lora-dist UNet forward + input-gradient backward, latent {a.latent}×{a.latent}"
+    L.append(f"Profile of one lora-dist {'bf16 ' if a.bf16 else ''}UNet forward + input-gradient backward, latent {a.latent}×{a.latent}"
              f"{' with checkpointing' if a.checkpointing else ''} (perf, {a.freq} Hz, main thread, timed step only): "
              f"forward {wall['forward']:.2f} s, backward {wall['backward']:.2f} s; "
              f"sampled {sampled['forward']:.2f} / {sampled['backward']:.2f} s (the rest: main thread blocked).\n")

@@ -151,10 +151,10 @@ static void implName(const_dnnl_primitive_desc_t pd, char *out, size_t length) {
 // MARK: - GEMM
 
 typedef struct {
-    int used, transA, transB, M, N, K, lda, ldb, ldc;
+    int used, transA, transB, M, N, K, lda, ldb, ldc, hasBias;
     float alpha, beta;
     dnnl_primitive_t prim;
-    dnnl_memory_t a, b, c;
+    dnnl_memory_t a, b, c, bias;
     char info[64];
 } gemm_entry;
 
@@ -162,23 +162,25 @@ typedef struct {
 static gemm_entry gemms[GEMM_SLOTS];
 
 static int gemmMatches(const gemm_entry *e, int tA, int tB, int M, int N, int K, int lda, int ldb, int ldc,
-                       float alpha, float beta) {
+                       float alpha, float beta, int hasBias) {
     return e->used && e->transA == tA && e->transB == tB && e->M == M && e->N == N && e->K == K &&
-           e->lda == lda && e->ldb == ldb && e->ldc == ldc && e->alpha == alpha && e->beta == beta;
+           e->lda == lda && e->ldb == ldb && e->ldc == ldc && e->alpha == alpha && e->beta == beta &&
+           e->hasBias == hasBias;
 }
 
 static dnnl_status_t gemmCreate(gemm_entry *e, int tA, int tB, int M, int N, int K, int lda, int ldb, int ldc,
-                                float alpha, float beta) {
-    dnnl_memory_desc_t a, b, c;
-    dnnl_dims_t ad = {M, K}, bd = {K, N}, cd = {M, N};
+                                float alpha, float beta, int hasBias) {
+    dnnl_memory_desc_t a, b, c, bias;
+    dnnl_dims_t ad = {M, K}, bd = {K, N}, cd = {M, N}, biasd = {1, N}, biass = {N, 1};
     dnnl_dims_t as = {tA ? 1 : lda, tA ? lda : 1}, bs = {tB ? 1 : ldb, tB ? ldb : 1}, cs = {ldc, 1};
     dnnl_status_t st;
     if ((st = p_dnnl_memory_desc_init_by_strides(&a, 2, ad, dnnl_bf16, as)) ||
         (st = p_dnnl_memory_desc_init_by_strides(&b, 2, bd, dnnl_bf16, bs)) ||
-        (st = p_dnnl_memory_desc_init_by_strides(&c, 2, cd, dnnl_f32, cs)))
+        (st = p_dnnl_memory_desc_init_by_strides(&c, 2, cd, dnnl_f32, cs)) ||
+        (st = p_dnnl_memory_desc_init_by_strides(&bias, 2, biasd, dnnl_f32, biass)))
         return st;
     dnnl_matmul_desc_t desc;
-    if ((st = p_dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c))) return st;
+    if ((st = p_dnnl_matmul_desc_init(&desc, &a, &b, hasBias ? &bias : NULL, &c))) return st;
     dnnl_primitive_attr_t attr;
     if ((st = p_dnnl_primitive_attr_create(&attr))) return st;
     dnnl_post_ops_t ops = NULL;
@@ -198,9 +200,11 @@ static dnnl_status_t gemmCreate(gemm_entry *e, int tA, int tB, int M, int N, int
     if (!st) st = p_dnnl_memory_create(&e->a, &a, engine, DNNL_MEMORY_NONE);
     if (!st) st = p_dnnl_memory_create(&e->b, &b, engine, DNNL_MEMORY_NONE);
     if (!st) st = p_dnnl_memory_create(&e->c, &c, engine, DNNL_MEMORY_NONE);
+    if (!st) st = p_dnnl_memory_create(&e->bias, &bias, engine, DNNL_MEMORY_NONE);
     p_dnnl_primitive_desc_destroy(pd);
     if (st) return st;
     e->used = 1;
+    e->hasBias = hasBias;
     e->transA = tA, e->transB = tB, e->M = M, e->N = N, e->K = K, e->lda = lda, e->ldb = ldb, e->ldc = ldc;
     e->alpha = alpha, e->beta = beta;
     return dnnl_success;
@@ -212,6 +216,7 @@ static void gemmRelease(gemm_entry *e) {
     p_dnnl_memory_destroy(e->a);
     p_dnnl_memory_destroy(e->b);
     p_dnnl_memory_destroy(e->c);
+    p_dnnl_memory_destroy(e->bias);
     memset(e, 0, sizeof *e);
 }
 
@@ -226,9 +231,14 @@ static void packBF16(const float *src, int rows, int cols, int ld, unsigned shor
 
 int lora_dnnl_gemm(int transA, int transB, int M, int N, int K, float alpha,
                    const void *A, int aIsBF16, int lda, const void *B, int bIsBF16, int ldb,
-                   float beta, float *C, int ldc, char *info) {
+                   float beta, float *C, int ldc, const float *bias, char *info) {
     if (loadStatus != 0) return dnnl_runtime_error;
     if (M == 0 || N == 0) return 0;
+    if (bias && (alpha != 1.0f || beta != 0.0f)) return dnnl_invalid_arguments;
+    if (K == 0 && bias) {
+        for (int i = 0; i < M; i++) memcpy(C + (size_t)i * ldc, bias, (size_t)N * 4);
+        return 0;
+    }
     if (K == 0) {
         for (int i = 0; i < M; i++)
             for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = beta == 0 ? 0 : beta * C[(size_t)i * ldc + j];
@@ -254,14 +264,15 @@ int lora_dnnl_gemm(int transA, int transB, int M, int N, int K, float alpha,
         b = buf, ldb = cols;
     }
     uint64_t h = 1469598103934665603ull;
-    int key[9] = {transA, transB, M, N, K, lda, ldb, ldc, (int)(beta * 7) + (alpha != 1.0f ? 13 : 0)};
-    for (int i = 0; i < 9; i++) h = (h ^ (uint32_t)key[i]) * 1099511628211ull;
+    int hasBias = bias != NULL;
+    int key[10] = {transA, transB, M, N, K, lda, ldb, ldc, (int)(beta * 7) + (alpha != 1.0f ? 13 : 0), hasBias};
+    for (int i = 0; i < 10; i++) h = (h ^ (uint32_t)key[i]) * 1099511628211ull;
     gemm_entry *e = NULL;
     for (int probe = 0; probe < 16; probe++) {
         gemm_entry *s = &gemms[(h + probe) % GEMM_SLOTS];
-        if (gemmMatches(s, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta)) { e = s; break; }
+        if (gemmMatches(s, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta, hasBias)) { e = s; break; }
         if (!s->used) {
-            if ((st = gemmCreate(s, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta))) goto done;
+            if ((st = gemmCreate(s, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta, hasBias))) goto done;
             e = s;
             break;
         }
@@ -269,13 +280,15 @@ int lora_dnnl_gemm(int transA, int transB, int M, int N, int K, float alpha,
     if (!e) {  // 16 colliding shapes: replace the first.
         e = &gemms[h % GEMM_SLOTS];
         gemmRelease(e);
-        if ((st = gemmCreate(e, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta))) goto done;
+        if ((st = gemmCreate(e, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta, hasBias))) goto done;
     }
     p_dnnl_memory_set_data_handle(e->a, (void *)a);
     p_dnnl_memory_set_data_handle(e->b, (void *)b);
     p_dnnl_memory_set_data_handle(e->c, C);
-    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, e->a}, {DNNL_ARG_WEIGHTS, e->b}, {DNNL_ARG_DST, e->c}};
-    st = p_dnnl_primitive_execute(e->prim, stream, 3, args);
+    p_dnnl_memory_set_data_handle(e->bias, (void *)bias);
+    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, e->a}, {DNNL_ARG_WEIGHTS, e->b}, {DNNL_ARG_DST, e->c},
+                               {DNNL_ARG_BIAS, e->bias}};
+    st = p_dnnl_primitive_execute(e->prim, stream, hasBias ? 4 : 3, args);
     if (!st) st = p_dnnl_stream_wait(stream);
     if (info) snprintf(info, 256, "%s", e->info);
 done:

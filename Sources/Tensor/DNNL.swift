@@ -21,6 +21,9 @@ public enum DNNL {
             return "oneDNN could not be loaded (\(error)); install it with `apt-get install libdnnl-dev` (or run scripts/setup.sh)"
         }
         if lora_dnnl_has_bf16() == 0 {
+            if let cap = ProcessInfo.processInfo.environment["DNNL_MAX_CPU_ISA"] {
+                return "oneDNN is capped at \(isaName) by DNNL_MAX_CPU_ISA=\(cap), below AVX512-BF16; bf16 would be emulated, several times slower than fp32"
+            }
             return "this CPU has no AVX512-BF16 (oneDNN's ISA here: \(isaName)); bf16 would be emulated, several times slower than fp32"
         }
         return nil
@@ -48,11 +51,45 @@ public enum DNNL {
         if rc != 0 { fatalError("oneDNN failed (status \(rc)) in \(what())") }
     }
 
+    /// A recent rounding of a large activation, kept while both tensors are alive elsewhere: the q, k and v
+    /// projections (and the LoRA branch) of one input then share one bf16 copy, in time and in saved memory.
+    /// Sound because tensors are values: nothing writes into a tensor once an op has returned it.
+    private final class Rounded {
+        weak var source: Storage?
+        weak var result: Storage?
+        let offset: Int, count: Int
+        init(_ source: Storage, _ result: Storage, offset: Int, count: Int) {
+            self.source = source; self.result = result; self.offset = offset; self.count = count
+        }
+    }
+    nonisolated(unsafe) private static var recent: [Rounded] = []
+    private static let recentLock = NSLock()
+
     /// `x` rounded to bf16 (round to nearest even), converted in parallel.
     static func bf16(_ x: Tensor) -> Tensor {
         if x.dtype == .bf16 { return x }
+        let large = x.count >= 1 << 18
+        if large {
+            recentLock.lock()
+            let hit = recent.first { $0.source === x.storage && $0.offset == x.byteOffset && $0.count == x.count }?.result
+            recentLock.unlock()
+            if let hit { return Tensor(shape: x.shape, dtype: .bf16, storage: hit, byteOffset: 0) }
+        }
+        let out = rounded(x)
+        if large {
+            recentLock.lock()
+            recent.removeAll { $0.source == nil || $0.result == nil }
+            recent.insert(Rounded(x.storage, out.storage, offset: x.byteOffset, count: x.count), at: 0)
+            if recent.count > 8 { recent.removeLast() }
+            recentLock.unlock()
+        }
+        return out
+    }
+
+    private static func rounded(_ x: Tensor) -> Tensor {
         let x = x.fp32()
-        let out = Tensor(zeros: x.shape, dtype: .bf16)
+        // Every element is written below: no zero fill first.
+        let out = Tensor(shape: x.shape, dtype: .bf16, storage: Storage(uninitializedByteCount: x.count * 2), byteOffset: 0)
         let n = x.count, src = x.pointer
         let dst = out.storage.bytes.assumingMemoryBound(to: UInt16.self)
         parallelFor(n, grain: 1 << 16) { r in lora_dnnl_to_bf16(src + r.lowerBound, dst + r.lowerBound, r.count) }
@@ -62,13 +99,16 @@ public enum DNNL {
     /// Row-major C[M,N] (fp32) = alpha · op(A) · op(B) + beta · C in bf16 with fp32 accumulation. A and B are read
     /// as stored: bf16 in place, fp32 rounded to bf16 by the shim (one thread; large operands are converted with
     /// `bf16(_:)` by the callers first), fp16 rounded here.
+    /// `bias` (fp32 [N], alpha 1 and beta 0 only) is added by the GEMM itself (oneDNN's fused bias).
     static func gemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float = 1, a: Tensor, lda: Int,
-                     b: Tensor, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+                     b: Tensor, ldb: Int, beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int, bias: Tensor? = nil) {
         let a = a.dtype == .f16 ? bf16(a) : a, b = b.dtype == .f16 ? bf16(b) : b
+        let bias = bias?.fp32()
         let rc = lora_dnnl_gemm(transA ? 1 : 0, transB ? 1 : 0, Int32(m), Int32(n), Int32(k), alpha,
                                 a.rawPointer, a.dtype == .bf16 ? 1 : 0, Int32(lda), b.rawPointer, b.dtype == .bf16 ? 1 : 0,
-                                Int32(ldb), beta, c, Int32(ldc), nil)
+                                Int32(ldb), beta, c, Int32(ldc), bias?.pointer, nil)
         check(rc, "gemm \(m)×\(n)×\(k)")
+        withExtendedLifetime(bias) {}
     }
 
     /// The implementation oneDNN picked for a GEMM shape (for benches and tests).
@@ -78,7 +118,7 @@ public enum DNNL {
         var info = [CChar](repeating: 0, count: 256)
         let rc = info.withUnsafeMutableBufferPointer {
             lora_dnnl_gemm(0, transB ? 1 : 0, Int32(m), Int32(n), Int32(k), 1, a.rawPointer, 1, Int32(k), b.rawPointer,
-                           1, Int32(transB ? k : n), 0, c.mutablePointer, Int32(n), $0.baseAddress)
+                           1, Int32(transB ? k : n), 0, c.mutablePointer, Int32(n), nil, $0.baseAddress)
         }
         check(rc, "gemm \(m)×\(n)×\(k)")
         return info.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }

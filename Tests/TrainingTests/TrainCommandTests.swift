@@ -346,6 +346,23 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertLessThan(abs(bf16.last - fp32.last), 0.05 * fp32.last, "bf16 \(bf16) vs fp32 \(fp32)")
     }
 
+    // Where oneDNN cannot run bf16 (here: DNNL_MAX_CPU_ISA caps its ISA below AVX512-BF16, as on a CPU without it), a
+    // bf16 config trains in fp32 with one line saying why — no crash, no emulation; mixed_precision fp16 says it runs
+    // as bf16 first. The LoRA equals the fp32 run's bit for bit.
+    func testBF16FallsBackToFP32WithOneLine() throws {
+        let fp32 = work.appendingPathComponent("fp32"), capped = work.appendingPathComponent("capped")
+        let a = try run(["train", "--output-dir", fp32.path, "--max-train-steps", "3", "--threads", "2"])
+        XCTAssertEqual(a.status, 0, a.output)
+        let b = try run(["train", "--output-dir", capped.path, "--max-train-steps", "3", "--threads", "2",
+                         "--set", "mixed_precision=\"fp16\""], env: ["DNNL_MAX_CPU_ISA": "AVX512_CORE"])
+        XCTAssertEqual(b.status, 0, b.output)
+        XCTAssertTrue(b.output.contains("mixed_precision fp16: this CPU has no fast fp16 arithmetic; computing as bf16"), b.output)
+        XCTAssertEqual(b.output.components(separatedBy: "bf16 requested, computing in fp32: oneDNN is capped at avx512_core").count, 2, b.output)
+        XCTAssertTrue(b.output.contains("computing in fp32"), b.output)
+        XCTAssertEqual(try loraTensors(fp32.appendingPathComponent("demo.safetensors").path),
+                       try loraTensors(capped.appendingPathComponent("demo.safetensors").path))
+    }
+
     // A loss that turns non-finite (an absurd learning rate blows the weights up after step 1): each such step is
     // skipped and reported; three in a row stop the run with an error, and the files of the last good step are intact.
     func testRepeatedNonFiniteStepsStopWithLastGoodStateIntact() throws {

@@ -102,6 +102,26 @@ final class TrainingLoopTests: XCTestCase {
         XCTAssertLessThan(maxDiff, 1e-4 * maxAbs)
     }
 
+    // Latents encoded on the bf16 family are cached under their own key (the VAE identity + "/bf16"): a bf16 run after an
+    // fp32 one encodes again, a second bf16 run reuses them, and no_half_vae (kohya: VAE in fp32) reuses the fp32 ones.
+    func testBF16LatentsAreCachedApartFromFP32() throws {
+        if let why = Kernels.bf16UnavailableReason { throw XCTSkip(why) }
+        func cacheLine(_ name: String, _ extra: String) throws -> String {
+            let (outcomes, lines) = try train(try config(name, batch: 2, steps: 1, extra: extra), ranks: 1)
+            XCTAssertEqual(outcomes, [.finished])
+            return try XCTUnwrap(lines.first { $0.hasPrefix("latent cache") }, lines.joined(separator: "\n"))
+        }
+        let fp32 = try cacheLine("fp32", "")
+        XCTAssertTrue(fp32.contains(": 0 reused"), fp32)
+        let bf16 = try cacheLine("bf16", "mixed_precision = \"bf16\"")
+        XCTAssertTrue(bf16.contains(": 0 reused"), bf16)
+        let again = try cacheLine("bf16b", "mixed_precision = \"bf16\"")
+        XCTAssertTrue(again.contains(", 0 encoded"), again)
+        let noHalf = try cacheLine("nohalf", "mixed_precision = \"bf16\"\nno_half_vae = true")
+        XCTAssertTrue(noHalf.contains(", 0 encoded"), noHalf)
+        XCTAssertEqual(Kernels.family, .fp32, "a run leaves the process's family as it found it")
+    }
+
     // A setting that only the built network can check (Prodigy allows one learning rate across kohya's groups) is
     // refused before the latent cache is built: nothing is encoded.
     func testBadGroupRatesAreRefusedBeforeTheCache() throws {

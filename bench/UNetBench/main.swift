@@ -25,6 +25,7 @@ struct Options {
     var latent = 64
     var mode = "backward"
     var checkpointing = false
+    var bf16 = false
     var steps = 3
     var warmup = 1
     var threads = 2
@@ -48,6 +49,7 @@ func parseOptions() -> Options {
         case "--latent": o.latent = Int(value(a)) ?? 0
         case "--mode": o.mode = value(a)
         case "--checkpointing": o.checkpointing = true
+        case "--bf16": o.bf16 = true
         case "--steps": o.steps = Int(value(a)) ?? 0
         case "--warmup": o.warmup = Int(value(a)) ?? 0
         case "--threads": o.threads = Int(value(a)) ?? 0
@@ -98,6 +100,8 @@ func meanAbs(_ t: Tensor) -> Double {
 func benchMain() {
     let o = parseOptions()
     Threads.set(o.threads)
+    // The bf16 kernel family (oneDNN), chosen before the model binds its weights.
+    if o.bf16, let why = Kernels.use(.bf16) { fail(why) }
     emit([("side", jsonString("lora-dist")),
           ("info", "{\"core\":\(jsonString(BLAS.coreName)),\"threads\":\(BLAS.threads)}")])
 

@@ -261,16 +261,18 @@ def write(a, peaks, ks, steps, started, wall, load):
                          f"{min(o16) / min(p16):.2f} |")
         L.append("<!-- bf16:end -->")
     if steps:
-        L += ["<!-- bf16:step -->", "### SDXL LoRA training step (rank 16, batch 1), s/step — lower is better", "", run, "",
+        L += ["<!-- bf16:step -->", "### SDXL LoRA training step (rank 16, batch 1), s/step — lower is better", "",
               "bench/TrainBench (`--bf16`: `Kernels.use(.bf16)` before the model binds) on the random bf16 SDXL UNet of "
               "bench/train/run.sh; bench/train/torch_train.py (diffusers + peft, 722 modules on both sides). Median of "
-              "the timed steps after one warm-up (samples in brackets); peak = VmHWM (weights included).", "",
-              "| case | side | s/step | samples | peak GB | loss (first → last) | vs PyTorch bf16 autocast | % of bf16 peak | load before → after |",
-              "|---|---|---:|---|---:|---|---:|---:|---|"]
+              "the timed steps after one warm-up (samples in brackets); peak = VmHWM (weights included: the mapped "
+              "5.1 GB file's pages count once touched). One table per case; each says its run.", "<!-- bf16:end -->"]
         for case in CASES:
             rows = [r for r in steps if r["case"] == case]
             if not rows:
                 continue
+            L += [f"<!-- bf16:step-{case} -->", f"**{case}** — {run}", "",
+                  "| side | s/step | samples | peak GB | loss (first → last) | vs PyTorch bf16 autocast | % of bf16 peak | load before → after |",
+                  "|---|---:|---|---:|---|---:|---:|---|"]
             ref = next((med(r["samples"]) for r in rows if r["side"] == "torch-bf16-autocast" and r.get("samples")), None)
             flops = next((r["flops"] for r in rows if r.get("flops")), None)
             peak16 = (peaks or a.saved_peaks).get("bf16_dot")
@@ -282,31 +284,32 @@ def write(a, peaks, ks, steps, started, wall, load):
                 losses = r.get("losses") or []
                 loss = f"{losses[0]:.4f} → {losses[-1]:.4f}" if losses else "—"
                 status = "" if r.get("rc") == 0 else f" (exit {r.get('rc')})"
-                L.append(f"| {case} | {SIDE_LABEL[r['side']]}{status} | {fmt(m)} | "
+                L.append(f"| {SIDE_LABEL[r['side']]}{status} | {fmt(m)} | "
                          f"{', '.join(f'{x:.2f}' for x in s) if s else '—'} | {peak} | {loss} | "
                          f"{fmt(m / ref if m and ref else None)} | "
                          f"{fmt(100 * flops / m / 1e9 / peak16 if flops and m and peak16 else None, '{:.0f}')} % | "
                          f"{r['load_before']:.2f} → {r['load_after']:.2f} |")
             if flops:
                 L.append("")
-                L.append(f"{case}: {flops / 1e12:.2f} TFLOP per step (PyTorch's FlopCounterMode on its autocast step: "
+                L.append(f"{flops / 1e12:.2f} TFLOP per step (PyTorch's FlopCounterMode on its autocast step: "
                          f"matrix products, convolutions and attention, forward + the backward that runs); "
-                         f"% of bf16 peak = that / s/step / the vdpbf16ps peak above.")
+                         f"% of bf16 peak = that / s/step / the vdpbf16ps peak of the header.")
             for r in rows:
                 if r["side"] == "lora-dist-bf16" and "conv_weights_mb" in r:
                     L.append("")
-                    L.append(f"{case}, lora-dist bf16 memory: frozen conv kernels reordered for oneDNN "
+                    L.append(f"lora-dist bf16 memory: frozen conv kernels reordered for oneDNN "
                              f"{r['conv_weights_mb']} MB; bf16 copies of fp32/fp16 weights {r.get('bf16_copies_mb', '0')} MB "
                              f"(0 for a bf16 file: its matrices are used as mapped).")
-        if a.notes and os.path.exists(a.notes):
-            L += ["", open(a.notes).read().strip()]
-        L.append("<!-- bf16:end -->")
+            L.append("<!-- bf16:end -->")
+    if a.notes and os.path.exists(a.notes):
+        L += ["<!-- bf16:notes -->", open(a.notes).read().strip(), "<!-- bf16:end -->"]
     new_blocks = blocks("\n".join(L))
     old = open(RESULTS).read() if os.path.exists(RESULTS) else ""
     section = old[old.index(BEGIN) + len(BEGIN):old.index(END)] if BEGIN in old and END in old else ""
     merged = blocks(section)
     merged.update(new_blocks)   # the blocks of the phases run now replace their old text; the others stay
-    body = "\n\n".join(f"<!-- bf16:{k} -->\n{merged[k]}\n<!-- bf16:end -->" for k in ("header", "kernels", "step") if k in merged)
+    order = ["header", "kernels", "step"] + [f"step-{c}" for c in CASES] + ["notes"]
+    body = "\n\n".join(f"<!-- bf16:{k} -->\n{merged[k]}\n<!-- bf16:end -->" for k in order if k in merged)
     text = f"{BEGIN}\n{body}\n{END}"
     if BEGIN in old and END in old:
         new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]

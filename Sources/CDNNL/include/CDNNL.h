@@ -27,11 +27,12 @@ void lora_dnnl_to_bf16(const float *src, unsigned short *dst, size_t count);
 
 /// Row-major C[M,N] (fp32) = alpha · op(A)[M,K] · op(B)[K,N] + beta · C, computed in bf16 with fp32
 /// accumulation. A and B are fp32 (converted to bf16 in the shim's scratch first) when aIsBF16/bIsBF16 is 0,
-/// bf16 (used in place) when 1. lda/ldb are the row strides of A and B as stored. Returns 0, or a
-/// dnnl_status_t; `info` (if non-NULL, 256 bytes) receives the implementation's name.
+/// bf16 (used in place) when 1. lda/ldb are the row strides of A and B as stored. `bias` (N floats, or NULL; only
+/// with alpha 1, beta 0) is added to every row by the GEMM itself (a fused post-op: no separate pass over C).
+/// Returns 0, or a dnnl_status_t; `info` (if non-NULL, 256 bytes) receives the implementation's name.
 int lora_dnnl_gemm(int transA, int transB, int M, int N, int K, float alpha,
                    const void *A, int aIsBF16, int lda, const void *B, int bIsBF16, int ldb,
-                   float beta, float *C, int ldc, char *info);
+                   float beta, float *C, int ldc, const float *bias, char *info);
 
 /// A 2-D convolution (groups 1, dilation 1) on fp32 NCHW tensors, computed in bf16 with fp32 accumulation.
 typedef struct {

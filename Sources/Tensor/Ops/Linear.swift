@@ -18,6 +18,12 @@ public enum Linear {
         let w = Kernels.operand(w, f)
         let y = Tensor(uninitialized: Array(x.shape.dropLast()) + [n])
         let py = y.mutablePointer
+        if f == .bf16 {
+            // The bias rides in the GEMM (oneDNN's fused bias): y is written once.
+            if let b { precondition(b.shape == [n], "linear: bias \(b.shape) does not match weight \(w.shape)") }
+            DNNL.gemm(transA: false, transB: true, m: m, n: n, k: k, a: x, lda: k, b: w, ldb: k, beta: 0, c: py, ldc: n, bias: b)
+            return y
+        }
         if let b = b?.fp32() {
             precondition(b.shape == [n], "linear: bias \(b.shape) does not match weight \(w.shape)")
             let pb = b.pointer
