@@ -147,6 +147,40 @@ def main():
     per = [sum(v for k, v in cells.items() if k[2] == lf) for lf in leaves]
     L.append(f"| **all** | {sampled['forward']:.2f} | {sampled['backward']:.2f} | {total_all:.2f} | 100 % | "
              + " | ".join(f"{x:.2f}" for x in per) + " |")
+    if result.get("dnnl"):
+        # oneDNN's JIT code has no unwind tables, so its samples above lose their op; the shim's own clocks
+        # (DNNL.takeCounters, the timed step) say which oneDNN calls the time went to and at what rate.
+        peak = None
+        raw = os.path.join(HERE, "out", "bf16_raw.jsonl")
+        if os.path.exists(raw):
+            for line in open(raw):
+                o = json.loads(line)
+                if o.get("phase") == "peak":
+                    peak = o.get("bf16_dot")
+        L.append("")
+        L.append("oneDNN calls in the same step (the shim's clocks around each call; the calling thread waits for each):")
+        L.append("")
+        L.append("| oneDNN call | forward s | backward s | calls | GFLOP | GFLOP/s" +
+                 (f" | % of bf16 peak ({peak:.0f})" if peak else "") + " |")
+        L.append("|---|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))
+        kinds = []
+        for c in result["dnnl"]:
+            if c["kind"] not in kinds:
+                kinds.append(c["kind"])
+        tot = {"forward": 0.0, "backward": 0.0}
+        for kind in kinds:
+            rows = {c["phase"]: c for c in result["dnnl"] if c["kind"] == kind}
+            fs, bs = rows.get("forward", {}).get("seconds", 0), rows.get("backward", {}).get("seconds", 0)
+            fl = sum(r.get("flops", 0) for r in rows.values())
+            calls = sum(r.get("calls", 0) for r in rows.values())
+            tot["forward"] += fs
+            tot["backward"] += bs
+            rate = fl / (fs + bs) / 1e9 if fl and fs + bs else None
+            L.append(f"| {kind} | {fs:.2f} | {bs:.2f} | {calls} | {fl / 1e9:.0f} | " + (f"{rate:.0f}" if rate else "—") +
+                     (f" | {100 * rate / peak:.0f} %" if peak and rate else (" | —" if peak else "")) + " |")
+        L.append(f"| **all oneDNN** | {tot['forward']:.2f} | {tot['backward']:.2f} | | | |" + (" |" if peak else ""))
+        L.append(f"| rest of the step (engine loops, allocation, bookkeeping) | {wall['forward'] - tot['forward']:.2f} | "
+                 f"{wall['backward'] - tot['backward']:.2f} | | | |" + (" |" if peak else ""))
     text = "\n".join(L) + "\n"
     with open(a.out, "w") as f:
         f.write(text)

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -38,6 +39,28 @@ static dnnl_engine_t engine;
 static dnnl_stream_t stream;
 static int wantedThreads = 1;
 static __thread int appliedThreads;
+
+// Time and work inside oneDNN, by kind (see lora_dnnl_stats). Updated under `lock`, like everything else here.
+static lora_dnnl_counter counters[LORA_DNNL_COUNTERS];
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void count(int kind, double since, double flops) {
+    counters[kind].seconds += now() - since;
+    counters[kind].flops += flops;
+    counters[kind].calls += 1;
+}
+
+void lora_dnnl_stats(lora_dnnl_counter *out, int reset) {
+    pthread_mutex_lock(&lock);
+    memcpy(out, counters, sizeof counters);
+    if (reset) memset(counters, 0, sizeof counters);
+    pthread_mutex_unlock(&lock);
+}
 
 static void load(void) {
     // libgomp reads these when it loads (as a dependency of libdnnl, just below).
@@ -152,6 +175,7 @@ static void implName(const_dnnl_primitive_desc_t pd, char *out, size_t length) {
 
 typedef struct {
     int used, transA, transB, M, N, K, lda, ldb, ldc, hasBias;
+    long batch, sA, sB, sC;  // batch 0: a plain 2-D product; otherwise [batch, ·, ·] with these batch strides
     float alpha, beta;
     dnnl_primitive_t prim;
     dnnl_memory_t a, b, c, bias;
@@ -161,24 +185,40 @@ typedef struct {
 #define GEMM_SLOTS 1024
 static gemm_entry gemms[GEMM_SLOTS];
 
-static int gemmMatches(const gemm_entry *e, int tA, int tB, int M, int N, int K, int lda, int ldb, int ldc,
-                       float alpha, float beta, int hasBias) {
-    return e->used && e->transA == tA && e->transB == tB && e->M == M && e->N == N && e->K == K &&
-           e->lda == lda && e->ldb == ldb && e->ldc == ldc && e->alpha == alpha && e->beta == beta &&
-           e->hasBias == hasBias;
+static int gemmMatches(const gemm_entry *e, const gemm_entry *k) {
+    return e->used && e->transA == k->transA && e->transB == k->transB && e->M == k->M && e->N == k->N &&
+           e->K == k->K && e->lda == k->lda && e->ldb == k->ldb && e->ldc == k->ldc && e->alpha == k->alpha &&
+           e->beta == k->beta && e->hasBias == k->hasBias && e->batch == k->batch && e->sA == k->sA &&
+           e->sB == k->sB && e->sC == k->sC;
 }
 
-static dnnl_status_t gemmCreate(gemm_entry *e, int tA, int tB, int M, int N, int K, int lda, int ldb, int ldc,
-                                float alpha, float beta, int hasBias) {
+// `k` holds the shape fields; `e` becomes a cache entry for them.
+static dnnl_status_t gemmCreate(gemm_entry *e, const gemm_entry *k) {
+    int tA = k->transA, tB = k->transB, M = k->M, N = k->N, K = k->K, lda = k->lda, ldb = k->ldb, ldc = k->ldc;
+    float alpha = k->alpha, beta = k->beta;
+    int hasBias = k->hasBias;
     dnnl_memory_desc_t a, b, c, bias;
-    dnnl_dims_t ad = {M, K}, bd = {K, N}, cd = {M, N}, biasd = {1, N}, biass = {N, 1};
-    dnnl_dims_t as = {tA ? 1 : lda, tA ? lda : 1}, bs = {tB ? 1 : ldb, tB ? ldb : 1}, cs = {ldc, 1};
+    dnnl_dims_t biasd = {1, N}, biass = {N, 1};
     dnnl_status_t st;
-    if ((st = p_dnnl_memory_desc_init_by_strides(&a, 2, ad, dnnl_bf16, as)) ||
-        (st = p_dnnl_memory_desc_init_by_strides(&b, 2, bd, dnnl_bf16, bs)) ||
-        (st = p_dnnl_memory_desc_init_by_strides(&c, 2, cd, dnnl_f32, cs)) ||
-        (st = p_dnnl_memory_desc_init_by_strides(&bias, 2, biasd, dnnl_f32, biass)))
-        return st;
+    if (k->batch == 0) {
+        dnnl_dims_t ad = {M, K}, bd = {K, N}, cd = {M, N};
+        dnnl_dims_t as = {tA ? 1 : lda, tA ? lda : 1}, bs = {tB ? 1 : ldb, tB ? ldb : 1}, cs = {ldc, 1};
+        if ((st = p_dnnl_memory_desc_init_by_strides(&a, 2, ad, dnnl_bf16, as)) ||
+            (st = p_dnnl_memory_desc_init_by_strides(&b, 2, bd, dnnl_bf16, bs)) ||
+            (st = p_dnnl_memory_desc_init_by_strides(&c, 2, cd, dnnl_f32, cs)) ||
+            (st = p_dnnl_memory_desc_init_by_strides(&bias, 2, biasd, dnnl_f32, biass)))
+            return st;
+    } else {
+        dnnl_dims_t ad = {k->batch, M, K}, bd = {k->batch, K, N}, cd = {k->batch, M, N};
+        dnnl_dims_t as = {k->sA, tA ? 1 : lda, tA ? lda : 1}, bs = {k->sB, tB ? 1 : ldb, tB ? ldb : 1},
+                    cs = {k->sC, ldc, 1};
+        if ((st = p_dnnl_memory_desc_init_by_strides(&a, 3, ad, dnnl_bf16, as)) ||
+            (st = p_dnnl_memory_desc_init_by_strides(&b, 3, bd, dnnl_bf16, bs)) ||
+            (st = p_dnnl_memory_desc_init_by_strides(&c, 3, cd, dnnl_f32, cs)) ||
+            (st = p_dnnl_memory_desc_init_by_strides(&bias, 2, biasd, dnnl_f32, biass)))
+            return st;
+        hasBias = 0;
+    }
     dnnl_matmul_desc_t desc;
     if ((st = p_dnnl_matmul_desc_init(&desc, &a, &b, hasBias ? &bias : NULL, &c))) return st;
     dnnl_primitive_attr_t attr;
@@ -203,10 +243,14 @@ static dnnl_status_t gemmCreate(gemm_entry *e, int tA, int tB, int M, int N, int
     if (!st) st = p_dnnl_memory_create(&e->bias, &bias, engine, DNNL_MEMORY_NONE);
     p_dnnl_primitive_desc_destroy(pd);
     if (st) return st;
+    char info[64];
+    memcpy(info, e->info, sizeof info);
+    dnnl_primitive_t prim = e->prim;
+    dnnl_memory_t ma = e->a, mb = e->b, mc = e->c, mbias = e->bias;
+    *e = *k;
+    memcpy(e->info, info, sizeof info);
+    e->prim = prim, e->a = ma, e->b = mb, e->c = mc, e->bias = mbias;
     e->used = 1;
-    e->hasBias = hasBias;
-    e->transA = tA, e->transB = tB, e->M = M, e->N = N, e->K = K, e->lda = lda, e->ldb = ldb, e->ldc = ldc;
-    e->alpha = alpha, e->beta = beta;
     return dnnl_success;
 }
 
@@ -229,6 +273,23 @@ static void packBF16(const float *src, int rows, int cols, int ld, unsigned shor
     for (int r = 0; r < rows; r++) lora_dnnl_to_bf16(src + (size_t)r * ld, dst + (size_t)r * cols, cols);
 }
 
+// The cached primitive for `key`'s shape, created on first use (NULL with *st set on failure). Under `lock`.
+static gemm_entry *gemmFind(const gemm_entry *key, dnnl_status_t *st) {
+    uint64_t h = 1469598103934665603ull;
+    long fields[14] = {key->transA, key->transB, key->M, key->N, key->K, key->lda, key->ldb, key->ldc,
+                       (long)(key->beta * 7) + (key->alpha != 1.0f ? 13 : 0), key->hasBias, key->batch, key->sA,
+                       key->sB, key->sC};
+    for (int i = 0; i < 14; i++) h = (h ^ (uint64_t)fields[i]) * 1099511628211ull;
+    for (int probe = 0; probe < 16; probe++) {
+        gemm_entry *s = &gemms[(h + probe) % GEMM_SLOTS];
+        if (gemmMatches(s, key)) return s;
+        if (!s->used) return (*st = gemmCreate(s, key)) ? NULL : s;
+    }
+    gemm_entry *e = &gemms[h % GEMM_SLOTS];  // 16 colliding shapes: replace the first.
+    gemmRelease(e);
+    return (*st = gemmCreate(e, key)) ? NULL : e;
+}
+
 int lora_dnnl_gemm(int transA, int transB, int M, int N, int K, float alpha,
                    const void *A, int aIsBF16, int lda, const void *B, int bIsBF16, int ldb,
                    float beta, float *C, int ldc, const float *bias, char *info) {
@@ -247,8 +308,10 @@ int lora_dnnl_gemm(int transA, int transB, int M, int N, int K, float alpha,
     pthread_mutex_lock(&lock);
     applyThreads();
     dnnl_status_t st = dnnl_success;
+    gemm_entry *e = NULL;
     // fp32 operands are converted into packed bf16 copies that keep their orientation.
     const void *a = A, *b = B;
+    double t0 = now();
     if (!aIsBF16) {
         int rows = transA ? K : M, cols = transA ? M : K;
         unsigned short *buf = scratchBuffer(0, (size_t)rows * cols * 2);
@@ -263,33 +326,59 @@ int lora_dnnl_gemm(int transA, int transB, int M, int N, int K, float alpha,
         packBF16((const float *)B, rows, cols, ldb, buf);
         b = buf, ldb = cols;
     }
-    uint64_t h = 1469598103934665603ull;
-    int hasBias = bias != NULL;
-    int key[10] = {transA, transB, M, N, K, lda, ldb, ldc, (int)(beta * 7) + (alpha != 1.0f ? 13 : 0), hasBias};
-    for (int i = 0; i < 10; i++) h = (h ^ (uint32_t)key[i]) * 1099511628211ull;
-    gemm_entry *e = NULL;
-    for (int probe = 0; probe < 16; probe++) {
-        gemm_entry *s = &gemms[(h + probe) % GEMM_SLOTS];
-        if (gemmMatches(s, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta, hasBias)) { e = s; break; }
-        if (!s->used) {
-            if ((st = gemmCreate(s, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta, hasBias))) goto done;
-            e = s;
-            break;
-        }
-    }
-    if (!e) {  // 16 colliding shapes: replace the first.
-        e = &gemms[h % GEMM_SLOTS];
-        gemmRelease(e);
-        if ((st = gemmCreate(e, transA, transB, M, N, K, lda, ldb, ldc, alpha, beta, hasBias))) goto done;
-    }
+    if (!aIsBF16 || !bIsBF16) count(LORA_DNNL_PACK, t0, 0);
+    gemm_entry key = {0};
+    key.transA = transA, key.transB = transB, key.M = M, key.N = N, key.K = K, key.lda = lda, key.ldb = ldb;
+    key.ldc = ldc, key.alpha = alpha, key.beta = beta, key.hasBias = bias != NULL;
+    e = gemmFind(&key, &st);
+    if (!e) goto done;
     p_dnnl_memory_set_data_handle(e->a, (void *)a);
     p_dnnl_memory_set_data_handle(e->b, (void *)b);
     p_dnnl_memory_set_data_handle(e->c, C);
     p_dnnl_memory_set_data_handle(e->bias, (void *)bias);
     dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, e->a}, {DNNL_ARG_WEIGHTS, e->b}, {DNNL_ARG_DST, e->c},
                                {DNNL_ARG_BIAS, e->bias}};
-    st = p_dnnl_primitive_execute(e->prim, stream, hasBias ? 4 : 3, args);
+    t0 = now();
+    st = p_dnnl_primitive_execute(e->prim, stream, e->hasBias ? 4 : 3, args);
     if (!st) st = p_dnnl_stream_wait(stream);
+    count(LORA_DNNL_MATMUL, t0, 2.0 * M * N * K);
+    if (info) snprintf(info, 256, "%s", e->info);
+done:
+    pthread_mutex_unlock(&lock);
+    return st;
+}
+
+int lora_dnnl_gemm_batched(int batch, int transA, int transB, int M, int N, int K, float alpha,
+                           const unsigned short *A, int lda, long strideA, const unsigned short *B, int ldb, long strideB,
+                           float beta, float *C, int ldc, long strideC, char *info) {
+    if (loadStatus != 0) return dnnl_runtime_error;
+    if (batch <= 0 || M == 0 || N == 0) return 0;
+    if (K == 0) {
+        for (long p = 0; p < batch; p++)
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) {
+                    float *c = C + p * strideC + (size_t)i * ldc + j;
+                    *c = beta == 0 ? 0 : beta * *c;
+                }
+        return 0;
+    }
+    pthread_mutex_lock(&lock);
+    applyThreads();
+    dnnl_status_t st = dnnl_success;
+    gemm_entry key = {0};
+    key.transA = transA, key.transB = transB, key.M = M, key.N = N, key.K = K, key.lda = lda, key.ldb = ldb;
+    key.ldc = ldc, key.alpha = alpha, key.beta = beta, key.batch = batch, key.sA = strideA, key.sB = strideB;
+    key.sC = strideC;
+    gemm_entry *e = gemmFind(&key, &st);
+    if (!e) goto done;
+    p_dnnl_memory_set_data_handle(e->a, (void *)A);
+    p_dnnl_memory_set_data_handle(e->b, (void *)B);
+    p_dnnl_memory_set_data_handle(e->c, C);
+    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, e->a}, {DNNL_ARG_WEIGHTS, e->b}, {DNNL_ARG_DST, e->c}};
+    double t0 = now();
+    st = p_dnnl_primitive_execute(e->prim, stream, 3, args);
+    if (!st) st = p_dnnl_stream_wait(stream);
+    count(LORA_DNNL_BATCHED, t0, 2.0 * batch * M * N * K);
     if (info) snprintf(info, 256, "%s", e->info);
 done:
     pthread_mutex_unlock(&lock);
@@ -519,11 +608,13 @@ static int convRun(const lora_conv_shape *s, int backward, const float *in, cons
     if (!e) goto done;
     if (!p_dnnl_memory_desc_equal(&p->layout, &e->weights)) { st = dnnl_invalid_arguments; goto done; }
     p_dnnl_memory_set_data_handle(e->inUser, (void *)in);
+    double t0 = now();
     if (e->reorderIn) {
         void *buf = scratchBuffer(2, e->inBytes);
         if (!buf) { st = dnnl_out_of_memory; goto done; }
         p_dnnl_memory_set_data_handle(e->inConv, buf);
         if ((st = reorderInto(e->reorderIn, e->inUser, e->inConv))) goto done;
+        count(LORA_DNNL_REORDER, t0, 0);
     } else {
         p_dnnl_memory_set_data_handle(e->inConv, (void *)in);
     }
@@ -534,6 +625,9 @@ static int convRun(const lora_conv_shape *s, int backward, const float *in, cons
     }
     p_dnnl_memory_set_data_handle(e->outConv, o);
     p_dnnl_memory_set_data_handle(e->w, p->data);
+    int ho = outSize(s->h, s->kh, s->stride, s->padding), wo = outSize(s->w, s->kw, s->stride, s->padding);
+    double flops = 2.0 * s->n * s->cout * ho * wo * s->cin * s->kh * s->kw;
+    t0 = now();
     if (backward) {
         dnnl_exec_arg_t args[3] = {{DNNL_ARG_DIFF_DST, e->inConv}, {DNNL_ARG_WEIGHTS, e->w}, {DNNL_ARG_DIFF_SRC, e->outConv}};
         st = p_dnnl_primitive_execute(e->prim, stream, 3, args);
@@ -549,11 +643,15 @@ static int convRun(const lora_conv_shape *s, int backward, const float *in, cons
                                    {DNNL_ARG_DST, e->outConv}};
         st = p_dnnl_primitive_execute(e->prim, stream, 4, args);
     }
+    if (!st) st = p_dnnl_stream_wait(stream);
+    if (!st) count(backward ? LORA_DNNL_CONV_BACKWARD_DATA : LORA_DNNL_CONV_FORWARD, t0, flops);
     if (!st && e->reorderOut) {
+        t0 = now();
         p_dnnl_memory_set_data_handle(e->outUser, out);
         st = reorderInto(e->reorderOut, e->outConv, e->outUser);
+        if (!st) st = p_dnnl_stream_wait(stream);
+        count(LORA_DNNL_REORDER, t0, 0);
     }
-    if (!st) st = p_dnnl_stream_wait(stream);
     if (info) snprintf(info, 256, "%s", e->info);
 done:
     pthread_mutex_unlock(&lock);

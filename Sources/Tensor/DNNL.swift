@@ -47,6 +47,24 @@ public enum DNNL {
 
     static func setThreads(_ n: Int) { lora_dnnl_set_threads(Int32(n)) }
 
+    /// Wall time inside oneDNN for one kind of call, with its multiply-adds ×2 (zero for the data movements).
+    public struct Counter: Sendable {
+        public let kind: String
+        public let seconds: Double, flops: Double
+        public let calls: Int
+    }
+
+    /// The counters since the last `takeCounters`, by kind (and zeroes them): where a bf16 step's oneDNN time goes,
+    /// which a sampling profiler cannot say (oneDNN's JIT code has no unwind tables, so its samples lose their op).
+    public static func takeCounters() -> [Counter] {
+        guard loaded == nil else { return [] }
+        var raw = [lora_dnnl_counter](repeating: lora_dnnl_counter(), count: Int(LORA_DNNL_COUNTERS))
+        raw.withUnsafeMutableBufferPointer { lora_dnnl_stats($0.baseAddress, 1) }
+        let names = ["matmul", "fp32→bf16 operand rounding", "conv forward", "conv input gradient",
+                     "conv layout reorders", "attention products"]
+        return zip(names, raw).map { Counter(kind: $0, seconds: $1.seconds, flops: $1.flops, calls: $1.calls) }
+    }
+
     private static func check(_ rc: Int32, _ what: @autoclosure () -> String) {
         if rc != 0 { fatalError("oneDNN failed (status \(rc)) in \(what())") }
     }
@@ -109,6 +127,39 @@ public enum DNNL {
                                 Int32(ldb), beta, c, Int32(ldc), bias?.pointer, nil)
         check(rc, "gemm \(m)×\(n)×\(k)")
         withExtendedLifetime(bias) {}
+    }
+
+    /// `batch` products C_p = alpha · op(A_p) · op(B_p) + beta · C_p, X_p = X + p·strideX elements, on bf16 operands with
+    /// fp32 accumulation and output (attention: one product per head, the heads interleaved in [N, H·D] rows).
+    /// A tensor operand must be bf16 (`bf16(_:)`); `offset` is in its elements.
+    static func gemmBatched(batch: Int, transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+                            a: Tensor, aOffset: Int, lda: Int, strideA: Int,
+                            b: Tensor, bOffset: Int, ldb: Int, strideB: Int,
+                            beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int, strideC: Int) {
+        precondition(a.dtype == .bf16 && b.dtype == .bf16, "batched gemm takes bf16 operands")
+        gemmBatched(batch: batch, transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha,
+                    a: a.rawPointer.assumingMemoryBound(to: UInt16.self) + aOffset, lda: lda, strideA: strideA,
+                    b: b, bOffset: bOffset, ldb: ldb, strideB: strideB, beta: beta, c: c, ldc: ldc, strideC: strideC)
+        withExtendedLifetime(a) {}
+    }
+
+    static func gemmBatched(batch: Int, transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+                            a: UnsafePointer<UInt16>, lda: Int, strideA: Int,
+                            b: Tensor, bOffset: Int, ldb: Int, strideB: Int,
+                            beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int, strideC: Int) {
+        precondition(b.dtype == .bf16, "batched gemm takes bf16 operands")
+        let rc = lora_dnnl_gemm_batched(Int32(batch), transA ? 1 : 0, transB ? 1 : 0, Int32(m), Int32(n), Int32(k),
+                                        alpha, a, Int32(lda), strideA,
+                                        b.rawPointer.assumingMemoryBound(to: UInt16.self) + bOffset, Int32(ldb), strideB,
+                                        beta, c, Int32(ldc), strideC, nil)
+        check(rc, "batched gemm \(batch)×[\(m)×\(n)×\(k)]")
+        withExtendedLifetime(b) {}
+    }
+
+    /// dst[0..<n] = src rounded to bf16 (nearest even), on the calling thread.
+    @inline(__always)
+    static func roundToBF16(_ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<UInt16>, _ n: Int) {
+        lora_dnnl_to_bf16(src, dst, n)
     }
 
     /// The implementation oneDNN picked for a GEMM shape (for benches and tests).

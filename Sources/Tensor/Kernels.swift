@@ -3,11 +3,11 @@ import Foundation
 /// The kernel families the ops run on, chosen here and nowhere else (ggml's type traits are the model).
 ///
 /// - fp32: OpenBLAS sgemm and the engine's own loops, fp32 everywhere (lora-dist's reference path).
-/// - bf16: what PyTorch's CPU autocast runs in bf16 — linear layers, convolutions, the LoRA products and their
-///   gradients — on oneDNN with bf16 inputs and fp32 accumulation and outputs; everything else (norms and their
-///   statistics, softmax, activations, the loss, the timestep embedding, LoRA weights, gradients and optimizer
-///   state) stays fp32. Activations stay fp32 between ops; a linear layer saves its input for the weight gradient
-///   in bf16 (what autocast saves), not fp32.
+/// - bf16: what PyTorch's CPU autocast runs in bf16 — linear layers, convolutions, the attention products (QKᵀ, P·V
+///   and their gradients), the LoRA products and their gradients — on oneDNN with bf16 inputs and fp32 accumulation
+///   and outputs; everything else (norms and their statistics, softmax, activations, the loss, the timestep
+///   embedding, LoRA weights, gradients and optimizer state) stays fp32. Activations stay fp32 between ops; a linear
+///   layer saves its input for the weight gradient, and attention its q, k and v, in bf16 (what autocast saves).
 ///
 /// An op reads `Kernels.family` once when it runs; its tape rule (what it saves, which gradients it makes) is the same
 /// in both families.

@@ -1,4 +1,4 @@
-import Tensor
+@testable import Tensor
 import XCTest
 
 /// The bf16 kernel family (oneDNN) against PyTorch's CPU autocast: fixtures from Tests/Fixtures/ops_bf16.py
@@ -117,5 +117,33 @@ final class BF16KernelTests: XCTestCase {
             let ref = Conv2d.backward(try g.gradOutput(), x: x, w: w, stride: 1, padding: 1, wantX: false, wantW: true, wantB: false).dW!
             XCTAssertEqual(dW.scalars, ref.scalars, "LoCon weight gradient: fp32 kernel")
         }
+    }
+
+    // autocast F.scaled_dot_product_attention (PyTorch's CPU flash kernel on bf16 q, k, v; fp32 softmax), D = 64:
+    // self over 150 tokens, cross 64 → 77, causal over 77. The gradients pass through three roundings (P, dS, the
+    // result), and PyTorch rounds P unnormalised where lora-dist rounds it normalised: three ulps. For scale, PyTorch's
+    // own autocast dK in the causal case is 10 ulps (of its rms) from its fp32 dK (measured with PyTorch 2.15).
+    func testAttention() throws {
+        for name in ["bf16_attention_self", "bf16_attention_cross", "bf16_attention_causal"] {
+            let g = try Golden(name)
+            try check(name, ["q", "k", "v"], ulps: 3) { t, v in
+                t.attention(v[0], v[1], v[2], heads: g.int("heads"), causal: g.bool("causal"))
+            }
+        }
+    }
+
+    /// Query rows in several blocks (dK and dV accumulated across them) give what one block gives, within fp32
+    /// rounding (oneDNN may block a 48-row product differently from a 150-row one).
+    func testAttentionInSeveralBlocks() throws {
+        let g = try Golden("bf16_attention_self")
+        let saved = Attention.blockElements
+        defer { Attention.blockElements = saved }
+        Attention.blockElements = 2 * 150 * 48   // 2 heads × 48 rows × 150 keys: blocks of 48, 48, 48, 6 rows
+        let small = try run(g, ["q", "k", "v"], .bf16) { t, v in t.attention(v[0], v[1], v[2], heads: 2) }
+        Attention.blockElements = saved
+        let one = try run(g, ["q", "k", "v"], .bf16) { t, v in t.attention(v[0], v[1], v[2], heads: 2) }
+        assertClose(small.out, one.out, atol: 1e-5, rtol: 1e-5, "output")
+        for k in ["q", "k", "v"] { assertClose(small.grads[k]!, one.grads[k]!, atol: 1e-5, rtol: 1e-5, "d\(k)") }
+        close(small.grads["k"]!, try g.grad("k"), ulps: 2, "dk in blocks vs PyTorch autocast")
     }
 }

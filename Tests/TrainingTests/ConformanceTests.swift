@@ -77,11 +77,13 @@ final class ConformanceTests: XCTestCase {
 
     /// The eps step in the bf16 kernel family against the same step under PyTorch's autocast (train_step_bf16.safetensors,
     /// Tests/Fixtures/training/make_train_step_bf16.py). Both round to bf16, but not all the same operands (autocast
-    /// also runs attention in bf16 and rounds every linear's output; lora-dist keeps attention and outputs fp32), so
-    /// the bound is the size of bf16 rounding on this step, measured as PyTorch's own bf16-vs-fp32 difference (fixture
-    /// metadata): the loss within half a bf16 ulp (2⁻⁸ relative; PyTorch's own difference is 3.3e-4); all gradients
-    /// within 2× PyTorch's own rms difference (measured 3.6 % vs 3.4 %), each module's within 3× PyTorch's own for it
-    /// or 2⁻⁵ (measured worst ratio 2.05: modules whose gradient mostly cancels).
+    /// rounds every linear's output and the unnormalised attention probabilities; lora-dist keeps outputs fp32 and
+    /// rounds normalised probabilities), so the bound is the size of bf16 rounding on this step, measured as PyTorch's
+    /// own bf16-vs-fp32 difference (fixture metadata): the loss within half a bf16 ulp (2⁻⁸ relative; PyTorch's own
+    /// difference is 3.3e-4); all gradients within 2× PyTorch's own rms difference (measured 3.9 % vs 3.4 %), and no
+    /// farther from the fp32 step's than PyTorch's are, +25 % (measured 3.1 % vs 3.4 %); each module's within 3×
+    /// PyTorch's own for it or 2⁻⁴ (measured worst: 3.7 % against PyTorch's 0.8 % on input_blocks.7.0's time-embedding
+    /// projection, a gradient summed over every position, which mostly cancels).
     func testOneEpsilonStepInBF16MatchesPyTorchAutocast() throws {
         if let why = Kernels.bf16UnavailableReason { throw XCTSkip(why) }
         let file = try fixture()
@@ -95,20 +97,22 @@ final class ConformanceTests: XCTestCase {
         }
         let expected = try bf.tensor("eps.loss").scalars[0]
         XCTAssertEqual(loss, expected, accuracy: expected / 256)
-        var diff: Float = 0, norm: Float = 0, fromFP32: Float = 0
+        var diff: Float = 0, norm: Float = 0, fromFP32: Float = 0, torchFromFP32: Float = 0
         for m in net.modules {
             for (name, offset, count) in [(m.downName, m.downOffset, m.downShape.reduce(1, *)), (m.upName, m.upOffset, m.upShape.reduce(1, *))] {
                 let ours = Array(grads[offset..<offset + count]), torch = try bf.tensor("eps.grad." + name).scalars
                 let torch32 = try file.tensor("eps.grad." + name).scalars
-                XCTAssertLessThan(relErr(ours, torch), max(3 * relErr(torch, torch32), 1.0 / 32), name)
+                XCTAssertLessThan(relErr(ours, torch), max(3 * relErr(torch, torch32), 1.0 / 16), name)
                 for i in 0..<count {
                     diff += (ours[i] - torch[i]) * (ours[i] - torch[i])
                     norm += torch[i] * torch[i]
                     fromFP32 += (ours[i] - torch32[i]) * (ours[i] - torch32[i])
+                    torchFromFP32 += (torch[i] - torch32[i]) * (torch[i] - torch32[i])
                 }
             }
         }
         XCTAssertLessThan((diff / norm).squareRoot(), Float(2 * own["gradients_rms"]!))
+        XCTAssertLessThan(fromFP32.squareRoot(), 1.25 * torchFromFP32.squareRoot(), "farther from fp32 than autocast")
         // It is a bf16 step: ours differs from the fp32 gradients by bf16's rounding, not by fp32's 1e-6.
         XCTAssertGreaterThan((fromFP32 / norm).squareRoot(), 1e-3)
     }

@@ -1,7 +1,8 @@
 // Data-pipeline stage timings, the Swift side of bench/data/torch_vae.py: ImageIO.load (libvips decode +
 // Lanczos resize + centre crop, per image) and VAE.encode on [1, 3, R, R] with random fp32 weights, the
-// `tiny` or `sdxl` VAE config. One JSON line on stdout.
-// Usage: lora-dist-data-bench <image-folder> <resolution> <tiny|sdxl> <repeats> [threads]
+// `tiny` or `sdxl` VAE config. One JSON line on stdout. `bf16`: the bf16 kernel family (oneDNN), chosen before the
+// weights bind so the VAE's matrices are rounded to bf16 once, as `lora-dist cache` does under mixed_precision bf16.
+// Usage: lora-dist-data-bench <image-folder> <resolution> <tiny|sdxl> <repeats> [threads] [fp32|bf16]
 import Dataset
 import Foundation
 import SDXL
@@ -20,6 +21,12 @@ guard a.count >= 5, let res = Int(a[2]), let reps = Int(a[4]), let preset = SDXL
     exit(2)
 }
 Threads.set(a.count > 5 ? Int(a[5])! : 2)
+let family: KernelFamily = a.count > 6 && a[6] == "bf16" ? .bf16 : .fp32
+if family == .bf16, let why = DNNL.unavailableReason {
+    FileHandle.standardError.write("bf16 asked for, but \(why)\n".data(using: .utf8)!)
+    exit(1)
+}
+Kernels.use(family)
 let files = try FileManager.default.contentsOfDirectory(atPath: a[1]).filter { $0.hasSuffix(".png") }.sorted()
     .map { a[1] + "/" + $0 }
 
@@ -48,4 +55,4 @@ for _ in 0..<reps {
     enc.append(now() - t0)
 }
 let d = median(dec), e = median(enc)
-print("{\"impl\":\"lora-dist-stages\",\"preset\":\"\(preset.name)\",\"res\":\(res),\"decode_s\":\(d),\"encode_s\":\(e),\"images_per_s\":\(1 / (d + e)),\"threads\":\(BLAS.threads)}")
+print("{\"impl\":\"lora-dist-stages\",\"preset\":\"\(preset.name)\",\"precision\":\"\(family)\",\"res\":\(res),\"decode_s\":\(d),\"encode_s\":\(e),\"images_per_s\":\(1 / (d + e)),\"threads\":\(BLAS.threads)}")

@@ -167,7 +167,9 @@ func benchMain() {
     var gradients = [Float](repeating: 0, count: network.parameterCount)
     let rates = [Double](repeating: 1e-4, count: network.models.count)   // one AdamW group per model, lr 1e-4
     var total: [Double] = [], optimizerTimes: [Double] = [], losses: [Double] = []
+    var dnnl: [String] = []   // oneDNN's time by kind in the last step (bf16 only; DNNL.takeCounters)
     for step in 0..<(o.warmup + o.steps) {
+        _ = DNNL.takeCounters()
         let s0 = now()
         for i in gradients.indices { gradients[i] = 0 }
         let loss = TrainingStep.run(unet: unet, network: network, latents: x0, noise: noise, noisyLatents: noisy,
@@ -191,6 +193,12 @@ func benchMain() {
             total.append(s2 - s0)
             optimizerTimes.append(s2 - s1)
         }
+        if o.bf16 {
+            dnnl = DNNL.takeCounters().map {
+                String(format: "{\"kind\":%@,\"seconds\":%.4f,\"flops\":%.4g,\"calls\":%d}", jsonString($0.kind),
+                       $0.seconds, $0.flops, $0.calls)
+            }
+        }
     }
     let name = "train\(o.textEncoders ? "+te" : "")\(o.checkpointing ? "+ckpt" : "")\(o.bf16 ? "+bf16" : ""):\(l):b\(b):r\(o.rank)"
     emit([("side", jsonString("lora-dist")), ("case", jsonString(name)),
@@ -199,7 +207,8 @@ func benchMain() {
           ("load_s", String(format: "%.2f", loadSeconds)), ("modules", "\(network.modules.count)"),
           ("lora_params", "\(network.parameterCount)"), ("losses", jsonList(losses, "%.6g")),
           ("bf16_copies_mb", String(format: "%.0f", Double(WeightBinder.bf16CopyBytes) / 1e6)),
-          ("conv_weights_mb", String(format: "%.0f", Double(DNNL.preparedWeightBytes) / 1e6))])
+          ("conv_weights_mb", String(format: "%.0f", Double(DNNL.preparedWeightBytes) / 1e6)),
+          ("dnnl", "[" + dnnl.joined(separator: ",") + "]")])
 }
 
 benchMain()

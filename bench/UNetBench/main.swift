@@ -126,11 +126,14 @@ func benchMain() {
     var total: [Double] = [], forward: [Double] = [], backward: [Double] = []
     var phases: [String] = []   // [start, forward end, backward end] of every step (CLOCK_MONOTONIC), for bench/unet_profile.py
     var outMeanAbs = 0.0, dxMeanAbs = 0.0, dcMeanAbs = 0.0
+    var dnnl: [String] = []   // oneDNN's counters of the last step, forward and backward (bf16 only)
     for step in 0..<(o.warmup + o.steps) {
+        _ = DNNL.takeCounters()
         let s0 = now()
         let tape = Tape()
         let out = unet(tape, x: x, timesteps: timesteps, context: context, y: y, checkpointing: o.checkpointing)
         let s1 = now()
+        let forwardCounters = o.bf16 ? DNNL.takeCounters() : []
         var s2 = s1
         if grad {
             let grads = tape.backward(from: out, seed: seed)
@@ -142,6 +145,12 @@ func benchMain() {
             }
         }
         if step == 0 { outMeanAbs = meanAbs(out.value) }
+        if o.bf16 {
+            dnnl = [("forward", forwardCounters), ("backward", DNNL.takeCounters())].flatMap { phase, cs in
+                cs.map { String(format: "{\"phase\":\"%@\",\"kind\":%@,\"seconds\":%.4f,\"flops\":%.4g,\"calls\":%d}",
+                                phase, jsonString($0.kind), $0.seconds, $0.flops, $0.calls) }
+            }
+        }
         phases.append(String(format: "[%.6f,%.6f,%.6f,%@]", s0, s1, s2, step < o.warmup ? "true" : "false"))
         let kind = step < o.warmup ? "warm-up" : "step"
         FileHandle.standardError.write(String(format: "%@ %d: forward %.2f s, backward %.2f s, RSS %@ MB, peak %@ MB\n",
@@ -160,7 +169,7 @@ func benchMain() {
           ("load_s", String(format: "%.2f", loadSeconds)),
           ("out_mean_abs", String(format: "%.5g", outMeanAbs)), ("dx_mean_abs", String(format: "%.5g", dxMeanAbs)),
           ("dcontext_mean_abs", String(format: "%.5g", dcMeanAbs)),
-          ("phases", "[" + phases.joined(separator: ",") + "]")])
+          ("phases", "[" + phases.joined(separator: ",") + "]"), ("dnnl", "[" + dnnl.joined(separator: ",") + "]")])
 }
 
 benchMain()

@@ -12,6 +12,9 @@ kernels  lora-dist-bench and bench/torch_bench.py in one-shot --rows mode, the s
 step     one SDXL LoRA training step (bench/TrainBench; bench/train/torch_train.py), each case and side a fresh
          process, one at a time, sides alternating: lora-dist fp32 / bf16, PyTorch bf16 autocast (weights fp32) and
          kohya's bf16 (frozen UNet cast to bf16, autocast). Peak RSS = VmHWM; a watchdog stops a process above 21 GB.
+vae      SDXL VAE encode of one 1024² image (bench/DataBench with the sdxl VAE config, random fp32 weights; bench/data/
+         torch_vae.py, diffusers AutoencoderKL): lora-dist fp32 / bf16, PyTorch fp32 / autocast bf16 / VAE cast to bf16
+         (kohya's latent caching under mixed_precision bf16). Medians of --reps encodes, each side a fresh process.
 Raw JSON lines: bench/out/bf16_raw.jsonl.
 """
 import argparse
@@ -32,6 +35,13 @@ ENGINE = os.path.join(ROOT, ".build", "release", "lora-dist-bench")
 TRAIN = os.path.join(ROOT, ".build", "release", "TrainBench")
 TORCH_BENCH = os.path.join(ROOT, "bench", "torch_bench.py")
 TORCH_TRAIN = os.path.join(ROOT, "bench", "train", "torch_train.py")
+DATA = os.path.join(ROOT, ".build", "release", "DataBench")
+TORCH_VAE = os.path.join(ROOT, "bench", "data", "torch_vae.py")
+VAE_SIDES = [("lora-dist", "fp32"), ("lora-dist", "bf16"), ("torch", "fp32"), ("torch", "bf16-autocast"),
+             ("torch", "bf16")]
+VAE_LABEL = {("lora-dist", "fp32"): "lora-dist fp32", ("lora-dist", "bf16"): "lora-dist bf16 (oneDNN)",
+             ("torch", "fp32"): "PyTorch fp32", ("torch", "bf16-autocast"): "PyTorch bf16 autocast (weights fp32)",
+             ("torch", "bf16"): "PyTorch, VAE cast to bf16 (kohya's caching)"}
 SDXL = os.path.join(OUT, "sdxl_unet_bf16.safetensors")
 BEGIN, END = "<!-- bf16-bench:begin -->", "<!-- bf16-bench:end -->"
 
@@ -54,7 +64,7 @@ CONVS = [
 # case: (latent, checkpointing, sides)
 CASES = {
     "sdxl512": (64, False, ["lora-dist-fp32", "lora-dist-bf16", "torch-bf16-autocast", "torch-bf16-kohya"]),
-    "sdxl1024ckpt": (128, True, ["lora-dist-bf16", "torch-bf16-autocast"]),
+    "sdxl1024ckpt": (128, True, ["lora-dist-bf16", "torch-bf16-autocast", "torch-bf16-kohya"]),
     "sdxl1024": (128, False, ["lora-dist-bf16"]),
 }
 SIDE_LABEL = {"lora-dist-fp32": "lora-dist fp32", "lora-dist-bf16": "lora-dist bf16",
@@ -165,7 +175,9 @@ def step(a, case, side, raw):
     else:
         cmd = [sys.executable, TORCH_TRAIN, "--preset", "sdxl", "--latent", str(latent), "--steps", str(a.steps),
                "--warmup", "1", "--threads", str(a.threads), "--expect-modules", "722",
-               *(["--count-flops"] if side == "torch-bf16-autocast" else []),
+               # FLOPs counted on one side per case (an extra untimed step): autocast's at 512², kohya's where
+               # autocast's fp32 weights plus their bf16 copies do not fit
+               *(["--count-flops"] if side == ("torch-bf16-autocast" if case == "sdxl512" else "torch-bf16-kohya") else []),
                "--precision", {"torch-bf16-autocast": "bf16-autocast", "torch-bf16-kohya": "bf16-kohya",
                                "torch-fp32": "fp32"}[side]]
     if ckpt:
@@ -185,10 +197,44 @@ def step(a, case, side, raw):
     for o in json_lines(out):
         if "samples" in o:
             res.update({k: o[k] for k in ("samples", "optimizer_samples", "peak_mb", "losses", "modules", "lora_params",
-                                          "bf16_copies_mb", "conv_weights_mb", "flops") if k in o})
+                                          "bf16_copies_mb", "conv_weights_mb", "flops", "dnnl") if k in o})
     raw.write(json.dumps(res) + "\n")
     raw.flush()
     return res
+
+
+def vae(a, raw):
+    """One 1024² PNG (bench/data/make_images.py's generator), encoded by each side in a fresh process."""
+    folder = os.path.join(OUT, "vae1024")
+    if not os.path.isdir(folder):
+        subprocess.run([sys.executable, os.path.join(ROOT, "bench", "data", "make_images.py"), os.path.join(OUT, "vae_img")],
+                       check=True)
+        os.makedirs(folder)
+        os.rename(os.path.join(OUT, "vae_img", "img1024", "00.png"), os.path.join(folder, "00.png"))
+    out = []
+    for impl, prec in VAE_SIDES:
+        if impl == "lora-dist":
+            cmd = [DATA, folder, "1024", "sdxl", str(a.reps), str(a.threads), prec]
+        else:
+            cmd = [sys.executable, TORCH_VAE, folder, "1024", str(a.reps), prec]
+        log(f"== vae {impl} {prec} (load {loadavg():.2f})")
+        load0 = loadavg()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        w = Watchdog(p, 21)
+        w.start()
+        o, e = p.communicate()
+        w.join()
+        res = {"phase": "vae", "impl": impl, "precision": prec, "rc": p.returncode, "load_before": load0,
+               "load_after": loadavg()}
+        for j in json_lines(o):
+            res.update({k: j[k] for k in ("encode_s",) if k in j})
+        if p.returncode != 0:
+            log(e[-1500:])
+        raw.write(json.dumps(res) + "\n")
+        raw.flush()
+        log(f"   encode {res.get('encode_s')} s rc {p.returncode}")
+        out.append(res)
+    return out
 
 
 def med(xs):
@@ -215,7 +261,7 @@ def blocks(text):
         i = e + 1
 
 
-def write(a, peaks, ks, steps, started, wall, load):
+def write(a, peaks, ks, steps, vaes, started, wall, load):
     run = (f"Run {started:%Y-%m-%d %H:%M} UTC on **{cpu_line()}**, {a.threads} threads per side, 1-min load "
            f"{load[0]:.2f} before → {load[1]:.2f} after, wall {wall / 60:.1f} min.")
     L = []
@@ -270,10 +316,17 @@ def write(a, peaks, ks, steps, started, wall, load):
             rows = [r for r in steps if r["case"] == case]
             if not rows:
                 continue
+            ref, ref_side = None, None
+            for want in ("torch-bf16-autocast", "torch-bf16-kohya"):   # autocast, or kohya's where autocast ran out
+                ref = next((med(r["samples"]) for r in rows if r["side"] == want and r.get("samples")), None)
+                if ref:
+                    ref_side = want
+                    break
             L += [f"<!-- bf16:step-{case} -->", f"**{case}** — {run}", "",
-                  "| side | s/step | samples | peak GB | loss (first → last) | vs PyTorch bf16 autocast | % of bf16 peak | load before → after |",
+                  "| side | s/step | samples | peak GB | loss (first → last) | vs " +
+                  ("PyTorch bf16 autocast" if ref_side != "torch-bf16-kohya" else "PyTorch bf16 (kohya's setup)") +
+                  " | % of bf16 peak | load before → after |",
                   "|---|---:|---|---:|---|---:|---:|---|"]
-            ref = next((med(r["samples"]) for r in rows if r["side"] == "torch-bf16-autocast" and r.get("samples")), None)
             flops = next((r["flops"] for r in rows if r.get("flops")), None)
             peak16 = (peaks or a.saved_peaks).get("bf16_dot")
             for r in rows:
@@ -291,8 +344,9 @@ def write(a, peaks, ks, steps, started, wall, load):
                          f"{r['load_before']:.2f} → {r['load_after']:.2f} |")
             if flops:
                 L.append("")
-                L.append(f"{flops / 1e12:.2f} TFLOP per step (PyTorch's FlopCounterMode on its autocast step: "
-                         f"matrix products, convolutions and attention, forward + the backward that runs); "
+                L.append(f"{flops / 1e12:.2f} TFLOP per step (PyTorch's FlopCounterMode on its bf16 step: "
+                         f"matrix products, convolutions and attention, forward (again where checkpointing recomputes "
+                         f"it) + the backward that runs); "
                          f"% of bf16 peak = that / s/step / the vdpbf16ps peak of the header.")
             for r in rows:
                 if r["side"] == "lora-dist-bf16" and "conv_weights_mb" in r:
@@ -300,7 +354,29 @@ def write(a, peaks, ks, steps, started, wall, load):
                     L.append(f"lora-dist bf16 memory: frozen conv kernels reordered for oneDNN "
                              f"{r['conv_weights_mb']} MB; bf16 copies of fp32/fp16 weights {r.get('bf16_copies_mb', '0')} MB "
                              f"(0 for a bf16 file: its matrices are used as mapped).")
+                if r["side"] == "lora-dist-bf16" and r.get("dnnl") and r.get("samples"):
+                    last = r["samples"][-1]
+                    parts = [f"{c['kind']} {c['seconds']:.2f} s" + (f" ({c['flops'] / c['seconds'] / 1e9:.0f} GFLOP/s)"
+                                                                    if c["flops"] and c["seconds"] else "")
+                             for c in r["dnnl"] if c["calls"]]
+                    inside = sum(c["seconds"] for c in r["dnnl"])
+                    L.append("")
+                    L.append(f"lora-dist bf16, where its last timed step ({last:.2f} s) went, by the shim's clocks: "
+                             + "; ".join(parts) + f"; everything outside oneDNN {last - inside:.2f} s.")
             L.append("<!-- bf16:end -->")
+    if vaes:
+        ref = next((r.get("encode_s") for r in vaes if (r["impl"], r["precision"]) == ("torch", "bf16-autocast")), None)
+        L += ["<!-- bf16:vae -->", "### SDXL VAE encode, one 1024² image, seconds — lower is better", "", run, "",
+              "bench/DataBench (`VAE.encode`, sdxl VAE config, random weights; bf16: the family chosen before the "
+              "weights bind) and bench/data/torch_vae.py (diffusers AutoencoderKL, SDXL VAE config, random init); median "
+              f"of {a.reps} encodes after a 64² warm-up, each side a fresh process.", "",
+              "| side | encode s | vs PyTorch bf16 autocast | load before → after |", "|---|---:|---:|---|"]
+        for r in vaes:
+            e = r.get("encode_s")
+            status = "" if r.get("rc") == 0 else f" (exit {r.get('rc')})"
+            L.append(f"| {VAE_LABEL[(r['impl'], r['precision'])]}{status} | {fmt(e)} | "
+                     f"{fmt(e / ref if e and ref else None)} | {r['load_before']:.2f} → {r['load_after']:.2f} |")
+        L.append("<!-- bf16:end -->")
     if a.notes and os.path.exists(a.notes):
         L += ["<!-- bf16:notes -->", open(a.notes).read().strip(), "<!-- bf16:end -->"]
     new_blocks = blocks("\n".join(L))
@@ -308,7 +384,7 @@ def write(a, peaks, ks, steps, started, wall, load):
     section = old[old.index(BEGIN) + len(BEGIN):old.index(END)] if BEGIN in old and END in old else ""
     merged = blocks(section)
     merged.update(new_blocks)   # the blocks of the phases run now replace their old text; the others stay
-    order = ["header", "kernels", "step"] + [f"step-{c}" for c in CASES] + ["notes"]
+    order = ["header", "kernels", "step"] + [f"step-{c}" for c in CASES] + ["vae", "profile", "notes"]
     body = "\n\n".join(f"<!-- bf16:{k} -->\n{merged[k]}\n<!-- bf16:end -->" for k in order if k in merged)
     text = f"{BEGIN}\n{body}\n{END}"
     if BEGIN in old and END in old:
@@ -322,7 +398,7 @@ def write(a, peaks, ks, steps, started, wall, load):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phases", default="peak,kernels,step")
+    ap.add_argument("--phases", default="peak,kernels,step,vae")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3)
@@ -356,7 +432,8 @@ def main():
                 r = step(a, case, side, raw)
                 log(f"   {r.get('samples')} peak {r.get('peak_mb')} MB rc {r['rc']}")
                 steps.append(r)
-    write(a, peaks, ks, steps, started, time.time() - t0, (load0, loadavg()))
+    vaes = vae(a, raw) if "vae" in phases else None
+    write(a, peaks, ks, steps, vaes, started, time.time() - t0, (load0, loadavg()))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # bench/train/torch_train.py). Writes the bf16 section of bench/RESULTS.md. Needs PyTorch + diffusers + peft, a CPU
 # with AVX512-BF16 and ~8 GB of disk for the random SDXL UNet (shared with bench/train/run.sh).
 #
-# Usage: bench/bf16/run.sh [report.py options: --phases peak,kernels,step --cases sdxl512,sdxl1024ckpt,sdxl1024]
+# Usage: bench/bf16/run.sh [report.py options: --phases peak,kernels,step,vae --cases sdxl512,sdxl1024ckpt,sdxl1024]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -17,6 +17,7 @@ echo "== building lora-dist-bench, TrainBench and lora-dist (release), bench/out
 swift build -c release --product lora-dist-bench
 swift build -c release --product TrainBench
 swift build -c release --product lora-dist
+swift build -c release --product DataBench
 mkdir -p bench/out
 cc -O3 -funroll-loops -fopenmp -mavx512f -mavx512bf16 bench/bf16/peak.c -o bench/out/peak
 if [ ! -f bench/out/sdxl_unet_bf16.safetensors ]; then

@@ -34,6 +34,12 @@ int lora_dnnl_gemm(int transA, int transB, int M, int N, int K, float alpha,
                    const void *A, int aIsBF16, int lda, const void *B, int bIsBF16, int ldb,
                    float beta, float *C, int ldc, const float *bias, char *info);
 
+/// `batch` products C_p[M,N] = alpha · op(A_p) · op(B_p) + beta · C_p, A_p = A + p·strideA (elements) and so on: bf16
+/// operands, fp32 accumulation and output (the attention products, one per head). 0 or a dnnl_status_t.
+int lora_dnnl_gemm_batched(int batch, int transA, int transB, int M, int N, int K, float alpha,
+                           const unsigned short *A, int lda, long strideA, const unsigned short *B, int ldb, long strideB,
+                           float beta, float *C, int ldc, long strideC, char *info);
+
 /// A 2-D convolution (groups 1, dilation 1) on fp32 NCHW tensors, computed in bf16 with fp32 accumulation.
 typedef struct {
     int n, cin, h, w, cout, kh, kw, stride, padding;
@@ -55,5 +61,24 @@ int lora_dnnl_conv_forward(const lora_conv_shape *shape, const float *x, const v
 /// dX [N, Cin, H, W] from dY [N, Cout, Ho, Wo] and the prepared (backward = 1) weights.
 int lora_dnnl_conv_backward_data(const lora_conv_shape *shape, const float *dy, const void *prepared, float *dx,
                                  char *info);
+
+/// Wall time spent inside oneDNN per kind of call since the last reset (the calling thread waits for each call, so
+/// these are the step's seconds in oneDNN), with the multiply-adds ×2 done: what a profiler cannot attribute, as
+/// oneDNN's JIT-generated kernels carry no unwind information.
+typedef struct {
+    double seconds, flops;
+    long calls;
+} lora_dnnl_counter;
+enum {
+    LORA_DNNL_MATMUL,                 // bf16 matmuls (linear layers, LoRA products)
+    LORA_DNNL_PACK,                   // fp32 → bf16 rounding of GEMM operands inside the shim
+    LORA_DNNL_CONV_FORWARD,           // bf16 convolutions, forward
+    LORA_DNNL_CONV_BACKWARD_DATA,     // bf16 convolutions, input gradient
+    LORA_DNNL_REORDER,                // fp32 NCHW ↔ the convolutions' bf16 blocked layout, per call
+    LORA_DNNL_BATCHED,                // batched bf16 products (attention, one per head)
+    LORA_DNNL_COUNTERS
+};
+/// Copies the LORA_DNNL_COUNTERS counters into `out`; zeroes them when `reset` is 1.
+void lora_dnnl_stats(lora_dnnl_counter *out, int reset);
 
 #endif

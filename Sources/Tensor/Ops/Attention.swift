@@ -21,6 +21,7 @@ public enum Attention {
     public static func forward(q: Tensor, k: Tensor, v: Tensor, heads: Int, causal: Bool = false, scale: Float? = nil)
         -> (out: Tensor, logsumexp: Tensor) {
         let g = Geometry(q: q, k: k, v: v, heads: heads, causal: causal, scale: scale)
+        if Kernels.family == .bf16 { return forwardBF16(g, q: q, k: k, v: v) }
         let q = q.fp32(), k = k.fp32(), v = v.fp32()
         let out = Tensor(uninitialized: q.shape)
         let lse = Tensor(uninitialized: [g.batch, heads, g.nq])   // natural log of Σⱼ exp(scale·qᵢ·kⱼ)
@@ -90,6 +91,10 @@ public enum Attention {
         precondition(logsumexp.shape == [g.batch, heads, g.nq],
                      "attention backward: logsumexp \(logsumexp.shape) must be [\(g.batch), \(heads), \(g.nq)]")
         guard wantQ || wantK || wantV else { return (nil, nil, nil) }
+        if Kernels.family == .bf16 {
+            return backwardBF16(g, dOut: dOut, q: q, k: k, v: v, out: out, logsumexp: logsumexp, wantQ: wantQ,
+                                wantK: wantK, wantV: wantV)
+        }
         let q = q.fp32(), k = k.fp32(), v = v.fp32(), dOut = dOut.fp32(), out = out.fp32(), lse = logsumexp.fp32()
         let d = g.d, hd = g.hd, nq = g.nq
 
@@ -311,9 +316,11 @@ public enum Attention {
 extension Tape {
     /// Multi-head scaled dot-product attention (see `Attention.forward`). Saves q, k, v, the output and
     /// the [B, H, Nq] log-sum-exp: O(N), never the attention matrix.
+    /// On the bf16 family q, k and v are kept (and multiplied) as their bf16 roundings, as autocast keeps them.
     public func attention(_ q: Var, _ k: Var, _ v: Var, heads: Int, causal: Bool = false, scale: Float? = nil) -> Var {
-        let (out, lse) = Attention.forward(q: q.value, k: k.value, v: v.value, heads: heads, causal: causal, scale: scale)
-        let qv = q.value, kv = k.value, vv = v.value
+        let f = Kernels.family
+        let qv = Kernels.operand(q.value, f), kv = Kernels.operand(k.value, f), vv = Kernels.operand(v.value, f)
+        let (out, lse) = Attention.forward(q: qv, k: kv, v: vv, heads: heads, causal: causal, scale: scale)
         return record(out, inputs: [q, k, v]) { g, need in
             let r = Attention.backward(dOut: g, q: qv, k: kv, v: vv, out: out, logsumexp: lse, heads: heads,
                                        causal: causal, scale: scale, wantQ: need[0], wantK: need[1], wantV: need[2])
