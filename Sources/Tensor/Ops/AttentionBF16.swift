@@ -10,10 +10,13 @@ import Foundation
 extension Attention {
     nonisolated(unsafe) static var blockElements = 1 << 22   // tests lower it to cover several blocks
 
-    /// Query rows per block: a multiple of 16 (≤ Nq) with heads·rows·Nk ≤ blockElements.
+    /// Query rows per block: the fewest blocks with heads·rows·Nk ≤ blockElements, equal in size (a multiple of 16,
+    /// the last one shorter), so no block is a small remainder with a slower product.
     static func bf16Rows(_ g: Geometry) -> Int {
         let fit = max(16, blockElements / max(1, g.heads * g.nk) / 16 * 16)
-        return min(g.nq, fit)
+        if fit >= g.nq { return g.nq }
+        let blocks = (g.nq + fit - 1) / fit
+        return min(fit, ((g.nq + blocks - 1) / blocks + 15) / 16 * 16)
     }
 
     /// Work memory of one call: fp32 scores/probabilities and their gradient, and bf16 copies for the products.
