@@ -7,7 +7,10 @@ import Foundation
 /// OpenMP threads sleep between calls instead of spinning on the cores the engine's threads and OpenBLAS's need).
 /// Calls are made from the engine's calling thread only, never from inside `parallelFor`.
 public enum DNNL {
+    /// Set once `loaded` has run: reading counters must not load the library into an fp32 run.
+    nonisolated(unsafe) private static var attempted = false
     private static let loaded: String? = {
+        attempted = true
         var message = [CChar](repeating: 0, count: 512)
         let rc = message.withUnsafeMutableBufferPointer { lora_dnnl_load($0.baseAddress, Int32($0.count)) }
         if rc != 0 { return message.withUnsafeBufferPointer { String(cString: $0.baseAddress!) } }
@@ -56,8 +59,9 @@ public enum DNNL {
 
     /// The counters since the last `takeCounters`, by kind (and zeroes them): where a bf16 step's oneDNN time goes,
     /// which a sampling profiler cannot say (oneDNN's JIT code has no unwind tables, so its samples lose their op).
+    /// Empty when oneDNN has not been loaded (an fp32 run never loads it).
     public static func takeCounters() -> [Counter] {
-        guard loaded == nil else { return [] }
+        guard attempted, loaded == nil else { return [] }
         var raw = [lora_dnnl_counter](repeating: lora_dnnl_counter(), count: Int(LORA_DNNL_COUNTERS))
         raw.withUnsafeMutableBufferPointer { lora_dnnl_stats($0.baseAddress, 1) }
         let names = ["matmul", "fp32→bf16 operand rounding", "conv forward", "conv input gradient",

@@ -18,10 +18,10 @@ public enum Attention {
     /// q [B, Nq, H·D], k and v [B, Nk, H·D] → out [B, Nq, H·D]; head h uses columns h·D..<(h+1)·D.
     /// scale defaults to 1/√D. causal: query i attends to keys j ≤ i (CLIP's text encoders; Nq == Nk).
     /// Also returns the per-row log-sum-exp [B, H, Nq], which is all backward needs besides q, k, v, out.
-    public static func forward(q: Tensor, k: Tensor, v: Tensor, heads: Int, causal: Bool = false, scale: Float? = nil)
-        -> (out: Tensor, logsumexp: Tensor) {
+    public static func forward(q: Tensor, k: Tensor, v: Tensor, heads: Int, causal: Bool = false, scale: Float? = nil,
+                               _ family: KernelFamily = Kernels.family) -> (out: Tensor, logsumexp: Tensor) {
         let g = Geometry(q: q, k: k, v: v, heads: heads, causal: causal, scale: scale)
-        if Kernels.family == .bf16 { return forwardBF16(g, q: q, k: k, v: v) }
+        if family == .bf16 { return forwardBF16(g, q: q, k: k, v: v) }
         let q = q.fp32(), k = k.fp32(), v = v.fp32()
         let out = Tensor(uninitialized: q.shape)
         let lse = Tensor(uninitialized: [g.batch, heads, g.nq])   // natural log of Σⱼ exp(scale·qᵢ·kⱼ)
@@ -84,14 +84,15 @@ public enum Attention {
     /// dQ += scale·dS·K, dK += scale·dSᵀ·Q. Only the requested gradients are computed.
     public static func backward(dOut: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, logsumexp: Tensor,
                                 heads: Int, causal: Bool = false, scale: Float? = nil,
-                                wantQ: Bool, wantK: Bool, wantV: Bool) -> (dQ: Tensor?, dK: Tensor?, dV: Tensor?) {
+                                wantQ: Bool, wantK: Bool, wantV: Bool, _ family: KernelFamily = Kernels.family)
+        -> (dQ: Tensor?, dK: Tensor?, dV: Tensor?) {
         let g = Geometry(q: q, k: k, v: v, heads: heads, causal: causal, scale: scale)
         precondition(dOut.shape == q.shape && out.shape == q.shape,
                      "attention backward: dOut \(dOut.shape) and out \(out.shape) must match q \(q.shape)")
         precondition(logsumexp.shape == [g.batch, heads, g.nq],
                      "attention backward: logsumexp \(logsumexp.shape) must be [\(g.batch), \(heads), \(g.nq)]")
         guard wantQ || wantK || wantV else { return (nil, nil, nil) }
-        if Kernels.family == .bf16 {
+        if family == .bf16 {
             return backwardBF16(g, dOut: dOut, q: q, k: k, v: v, out: out, logsumexp: logsumexp, wantQ: wantQ,
                                 wantK: wantK, wantV: wantV)
         }
@@ -320,10 +321,11 @@ extension Tape {
     public func attention(_ q: Var, _ k: Var, _ v: Var, heads: Int, causal: Bool = false, scale: Float? = nil) -> Var {
         let f = Kernels.family
         let qv = Kernels.operand(q.value, f), kv = Kernels.operand(k.value, f), vv = Kernels.operand(v.value, f)
-        let (out, lse) = Attention.forward(q: qv, k: kv, v: vv, heads: heads, causal: causal, scale: scale)
+        let (out, lse) = Attention.forward(q: qv, k: kv, v: vv, heads: heads, causal: causal, scale: scale, f)
         return record(out, inputs: [q, k, v]) { g, need in
+            // the family of the forward, as Tape.linear does: the saved operands are in its form
             let r = Attention.backward(dOut: g, q: qv, k: kv, v: vv, out: out, logsumexp: lse, heads: heads,
-                                       causal: causal, scale: scale, wantQ: need[0], wantK: need[1], wantV: need[2])
+                                       causal: causal, scale: scale, wantQ: need[0], wantK: need[1], wantV: need[2], f)
             return [r.dQ, r.dK, r.dV]
         }
     }

@@ -105,6 +105,11 @@ extension Attention {
         let dQ = wantQ ? Tensor(uninitialized: q.shape) : nil
         let dK = wantK ? Tensor(uninitialized: k.shape) : nil
         let dV = wantV ? Tensor(uninitialized: v.shape) : nil
+        if nq == 0 {   // no query rows: the key and value gradients are zero (the loop below would not write them)
+            dK?.mutablePointer.update(repeating: 0, count: dK!.count)
+            dV?.mutablePointer.update(repeating: 0, count: dV!.count)
+            return (dQ, dK, dV)
+        }
         let rows = bf16Rows(g)
         let work = BF16Block(h * rows * nk, gradient: true)
         let pl = lse.pointer, pd = delta.pointer
