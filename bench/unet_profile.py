@@ -18,6 +18,7 @@ Needs `perf` (linux-tools) with permission to profile the process (perf_event_pa
 """
 import argparse
 import collections
+import datetime
 import json
 import os
 import re
@@ -27,6 +28,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BIN = os.path.join(ROOT, ".build", "release", "lora-dist-unet-bench")
+sys.path.insert(0, os.path.join(HERE, "bf16"))
+from report import cpu_line  # noqa: E402  (one CPU description for every bench header)
 
 # Innermost frame that names the op (Swift-mangled names contain these words).
 OPS = [
@@ -134,7 +137,8 @@ def main():
     L.append(f"Profile of one lora-dist {'bf16 ' if a.bf16 else ''}UNet forward + input-gradient backward, latent {a.latent}×{a.latent}"
              f"{' with checkpointing' if a.checkpointing else ''} (perf, {a.freq} Hz, main thread, timed step only): "
              f"forward {wall['forward']:.2f} s, backward {wall['backward']:.2f} s; "
-             f"sampled {sampled['forward']:.2f} / {sampled['backward']:.2f} s (the rest: main thread blocked).\n")
+             f"sampled {sampled['forward']:.2f} / {sampled['backward']:.2f} s (the rest: main thread blocked). "
+             f"Run {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on **{cpu_line()}**.\n")
     L.append("| op | forward s | backward s | total s | share | " + " | ".join(leaves) + " |")
     L.append("|---|---:|---:|---:|---:|" + "---:|" * len(leaves))
     total_all = sum(cells.values())

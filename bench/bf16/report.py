@@ -342,6 +342,21 @@ def write(a, peaks, ks, steps, vaes, started, wall, load):
                          f"{fmt(m / ref if m and ref else None)} | "
                          f"{fmt(100 * flops / m / 1e9 / peak16 if flops and m and peak16 else None, '{:.0f}')} % | "
                          f"{r['load_before']:.2f} → {r['load_after']:.2f} |")
+            ours = next((r for r in rows if r["side"] == "lora-dist-bf16"), None)
+            verdicts = []
+            m = med(ours["samples"]) if ours and ours.get("samples") else None
+            if case in ("sdxl512", "sdxl1024ckpt") and ref:
+                verdicts.append(f"time ≤ 0.75× PyTorch bf16: {'met' if m and m / ref <= 0.75 else 'missed'} "
+                                f"({fmt(m / ref if m else None)}×)")
+            if case == "sdxl512" and ours:
+                gb = float(ours["peak_mb"]) / 1024 if "peak_mb" in ours else None
+                verdicts.append(f"peak RSS ≤ 10 GB: {'met' if gb and gb <= 10 else 'missed'} ({fmt(gb, '{:.1f}')} GB)")
+            if case == "sdxl1024" and ours:
+                verdicts.append("fits in 24 GB without checkpointing: " + ("yes" if ours.get("samples") else "no"))
+            if verdicts:
+                L.append("")
+                L.append("Targets of issue 12 — " + "; ".join(verdicts) + ". Why, and the next steps: the notes and the "
+                         "profile at the end of this section.")
             if flops:
                 L.append("")
                 L.append(f"{flops / 1e12:.2f} TFLOP per step (PyTorch's FlopCounterMode on its bf16 step: "
@@ -377,6 +392,9 @@ def write(a, peaks, ks, steps, vaes, started, wall, load):
             L.append(f"| {VAE_LABEL[(r['impl'], r['precision'])]}{status} | {fmt(e)} | "
                      f"{fmt(e / ref if e and ref else None)} | {r['load_before']:.2f} → {r['load_after']:.2f} |")
         L.append("<!-- bf16:end -->")
+    if a.profile and os.path.exists(a.profile):
+        L += ["<!-- bf16:profile -->", "### Where the bf16 step's time goes (bench/unet_profile.py --bf16)", "",
+              open(a.profile).read().strip(), "<!-- bf16:end -->"]
     if a.notes and os.path.exists(a.notes):
         L += ["<!-- bf16:notes -->", open(a.notes).read().strip(), "<!-- bf16:end -->"]
     new_blocks = blocks("\n".join(L))
@@ -405,6 +423,8 @@ def main():
     ap.add_argument("--min-time", type=float, default=0.3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", default=os.path.join(OUT, "unet_profile_bf16.md"),
+                    help="the table of `bench/unet_profile.py --bf16 --out ...`, included when present")
     ap.add_argument("--notes", default=os.path.join(HERE, "notes.md"), help="appended under the tables")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
