@@ -197,7 +197,7 @@ extension TrainingConfig {
         if let fallback = Kernels.use(requestedKernelFamily) {
             lines.append("mixed_precision \(mixedPrecision): \(fallback)")
         } else if requestedKernelFamily == .bf16 {
-            lines.append("mixed_precision \(mixedPrecision): linear layers, convolutions and LoRA products in bf16 on oneDNN \(DNNL.version) (fp32 accumulation); norms, softmax, the loss, LoRA weights, gradients and optimizer state in fp32\(noHalfVAE ? "; no_half_vae: the VAE encodes in fp32" : "")")
+            lines.append("mixed_precision \(mixedPrecision): linear layers, convolutions, attention products and LoRA products in bf16 on oneDNN \(DNNL.version) (fp32 accumulation); norms, softmax, the loss, LoRA weights, gradients and optimizer state in fp32\(noHalfVAE ? "; no_half_vae: the VAE encodes in fp32" : "")")
         }
         return lines
     }
