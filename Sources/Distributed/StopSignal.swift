@@ -11,15 +11,27 @@ import Darwin
 /// store is async-signal-safe, unlike anything that allocates or locks.
 private let pendingStopSignal = Atomic<Int32>(0)
 
-/// Handler installed for SIGTERM and SIGUSR1. The first signal only records itself; the training loop sees it
-/// at the next step boundary. A second SIGTERM while a stop is already pending restores the default action and
-/// re-raises: a rank stuck in a collective can still be killed the ordinary way (Slurm's KillWait, a user's
-/// second `kill`). sigaction and raise are async-signal-safe.
+/// The pipe the handler writes each signal's number into, for `StopSignal.waitForSignal` (a thread that acts at
+/// once instead of at the next step boundary). write(2) is async-signal-safe; -1 until `install`.
+nonisolated(unsafe) private var wakePipe: (read: Int32, write: Int32) = (-1, -1)
+/// Set while a state is being written after a signal: a second SIGTERM then (Open MPI's kill sequence, a user's
+/// second `kill`) waits for the write instead of killing the process mid-file. SIGKILL still ends it.
+private let writingState = Atomic<Bool>(false)
+
+/// Handler installed for SIGTERM, SIGINT and SIGUSR1. The first signal only records itself (and wakes a waiting
+/// thread); the training loop, or `ImmediateStop`, acts on it. A second SIGTERM or SIGINT while a stop is already
+/// pending restores the default action and re-raises: a rank stuck in a collective can still be killed the
+/// ordinary way (Slurm's KillWait, a user's second Ctrl-C) — except while the state is being written.
+/// sigaction, raise and write are async-signal-safe.
 private func stopSignalHandler(_ signal: Int32) {
     let previous = pendingStopSignal.exchange(signal, ordering: .sequentiallyConsistent)
-    if previous != 0 && signal == SIGTERM {
-        setHandler(SIGTERM, SIG_DFL)
-        raise(SIGTERM)
+    if wakePipe.write >= 0 {
+        var byte = UInt8(truncatingIfNeeded: signal)
+        _ = write(wakePipe.write, &byte, 1)
+    }
+    if previous != 0 && (signal == SIGTERM || signal == SIGINT) && !writingState.load(ordering: .sequentiallyConsistent) {
+        setHandler(signal, SIG_DFL)
+        raise(signal)
     }
 }
 
@@ -57,11 +69,36 @@ public enum StopSignal {
     /// Exit status after a signal-requested stop when no requeue is wanted: success, the state is saved.
     public static let cleanExitCode: Int32 = 0
 
-    public static let signals: [Int32] = [SIGTERM, SIGUSR1]
+    public static let signals: [Int32] = [SIGTERM, SIGUSR1, SIGINT]
 
     /// Installs the handlers (idempotent). Call before the first step.
     public static func install() {
+        if wakePipe.read < 0 {
+            var fds: [Int32] = [0, 0]
+            if pipe(&fds) == 0 {
+                _ = fcntl(fds[1], F_SETFL, fcntl(fds[1], F_GETFL) | O_NONBLOCK)   // a full pipe never blocks the handler
+                wakePipe = (fds[0], fds[1])
+            }
+        }
         for sig in signals { setHandler(sig, { stopSignalHandler($0) }) }
+    }
+
+    /// Blocks the calling thread until a stop signal arrives (after `install`); returns it.
+    public static func waitForSignal() -> Int32 {
+        var byte: UInt8 = 0
+        while true {
+            let n = read(wakePipe.read, &byte, 1)
+            if n == 1 { return Int32(byte) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { sleep(1) }   // no pipe (install failed): nothing to wait on, never busy-spin
+        }
+    }
+
+    /// While `body` runs, a second SIGTERM/SIGINT does not kill the process (a state being written after a stop).
+    public static func deferringKill<T>(_ body: () throws -> T) rethrows -> T {
+        writingState.store(true, ordering: .sequentiallyConsistent)
+        defer { writingState.store(false, ordering: .sequentiallyConsistent) }
+        return try body()
     }
 
     /// Restores the default action for the signals (a process that stops using the protocol; tests).

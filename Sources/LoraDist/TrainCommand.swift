@@ -12,8 +12,10 @@ struct TrainCommand: ParsableCommand {
         abstract: "Train a LoRA from a kohya-style training TOML (no file: the embedded demo).",
         discussion: """
             Run alone (one rank) or under mpirun/srun/mpiexec (data-parallel ranks). Rank 0 writes LoRA files and
-            resumable states into output_dir. SIGTERM/SIGUSR1 on any rank: every rank stops at the same step and the
-            state is saved; exit 0 (or \(StopSignal.requeueExitCode) with --requeue-on-stop).
+            resumable states into output_dir. SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 on rank 0 (mpirun and srun signal every
+            rank): the step in progress is abandoned and rank 0 saves the state of the last completed step within
+            seconds; on another rank alone: every rank stops at the next step boundary, saving. Exit 0 once saved (or
+            \(StopSignal.requeueExitCode) with --requeue-on-stop, also when the signal came before training started).
             """)
 
     @OptionGroup var engine: EngineOptions
@@ -32,6 +34,8 @@ struct TrainCommand: ParsableCommand {
     var strict = false
 
     func run() throws {
+        // First: a signal from here on (config, model load, latent caching, training) is honoured at once.
+        let stop = ImmediateStop(requeue: requeueOnStop)
         RankLogging.bootstrap()
         let log = Logger(label: "train")
         var cfg: TrainingConfig
@@ -47,13 +51,14 @@ struct TrainCommand: ParsableCommand {
         if let o = outputDir { cfg.outputDir = o }
         if let s = maxTrainSteps { cfg.maxTrainSteps = s; cfg.maxTrainEpochs = nil }
         let comm = try startRanks(log)
+        stop.setRank(comm.rank)
         if engine.threads == nil, let t = cfg.lora.threadsPerRank { Threads.set(t) } else { engine.apply() }
         if comm.rank == 0 {
             print("lora-dist train: \(config ?? "embedded demo (configs/demo.toml)"), \(comm.size) rank\(comm.size == 1 ? "" : "s"), \(Threads.count) threads each, OpenBLAS \(BLAS.coreName)")
             for note in cfg.notes { print("note: \(note)") }
             for warning in cfg.warnings { print("warning: \(warning)") }
         }
-        let trainer = Trainer(config: cfg, communicator: comm)
+        let trainer = Trainer(config: cfg, communicator: comm, stop: stop)
         let outcome: TrainingOutcome
         do {
             outcome = try trainer.run(resume: resume)

@@ -33,8 +33,9 @@ public enum TestProcesses {
     /// Runs `executable args` (under `mpirun -np ranks --oversubscribe` when `ranks` is given) with this process's
     /// environment minus MPI launcher variables, plus Open MPI's run-as-root permission and `extra`. Output is stdout
     /// and stderr together. A run past `timeout` seconds is terminated (a hung rank fails the test, not the CI job).
+    /// `whileRunning(pid)` runs on another thread once the process has started.
     public static func run(_ executable: String, _ args: [String], ranks: Int? = nil, environment extra: [String: String] = [:],
-                           timeout: Double = 300) throws -> (status: Int32, output: String) {
+                           timeout: Double = 300, whileRunning: (@Sendable (Int32) -> Void)? = nil) throws -> (status: Int32, output: String) {
         let process = Process()
         if let ranks {
             process.executableURL = URL(fileURLWithPath: try mpirun())
@@ -55,6 +56,10 @@ public enum TestProcesses {
         try process.run()
         let watchdog = DispatchWorkItem { if process.isRunning { process.terminate() } }
         DispatchQueue.global().asyncAfter(deadline: .now() + timeout, execute: watchdog)
+        if let whileRunning {   // e.g. a test's signal to the process (mpirun itself when ranks is given)
+            let pid = process.processIdentifier
+            DispatchQueue.global().async { whileRunning(pid) }
+        }
         let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         process.waitUntilExit()
         watchdog.cancel()

@@ -42,6 +42,9 @@ final class Checkpointer {
     /// When training started (a resumed run keeps the first run's time, for ss_training_started_at).
     var startedAt = Date()
     private(set) var filesWritten: [String] = []
+    /// The immediate stop of a CLI run (nil in-process): rank 0's file writes hold its lock, so a stop never writes
+    /// into the folder at the same time, nor exits halfway through a file.
+    var stop: ImmediateStop?
 
     var rank: Int { communicator.rank }
     var worldSize: Int { communicator.size }
@@ -64,7 +67,9 @@ final class Checkpointer {
         guard rank == 0 else { return }
         let url = outputDirectory.appendingPathComponent(name)
         let dtype: DType = config.savePrecision == "fp16" ? .f16 : config.savePrecision == "bf16" ? .bf16 : .f32
-        try LoRAFile.save(network, to: url.path, dtype: dtype, metadata: loraMetadata(position: position, final: final))
+        try exclusive {
+            try LoRAFile.save(network, to: url.path, dtype: dtype, metadata: loraMetadata(position: position, final: final))
+        }
         filesWritten.append(url.path)
         progress?.note("saved \(url.path)")
     }
@@ -105,6 +110,16 @@ final class Checkpointer {
             residualBlobs = try communicator.allGather(reducer.residual.withUnsafeBytes { Array($0) })
         }
         guard rank == 0 else { try communicator.barrier(); return }
+        try exclusive {
+            _ = try writeState(position, residualBlobs: residualBlobs)
+            stop?.stateSaved(step: position.optimizerSteps)
+        }
+        try communicator.barrier()
+    }
+
+    /// Rank 0's part of a state save, no collective (`ImmediateStop` calls it alone, with no residuals: they are
+    /// other ranks' memory). Returns the file written.
+    func writeState(_ position: TrainingPosition, residualBlobs: [[UInt8]]) throws -> URL? {
         let info = StateInfo(position: position, worldSize: worldSize, fingerprint: config.fingerprint, seed: plan.seed,
                              optimizer: optimizer.name, wireFormat: config.lora.wireFormat.rawValue,
                              trainingStartedAt: startedAt.timeIntervalSince1970)
@@ -113,8 +128,14 @@ final class Checkpointer {
         for (name, bytes) in optimizer.stateBlobs() { blobs.append(("optimizer." + name, bytes)) }
         for (r, bytes) in residualBlobs.enumerated() { blobs.append(("residual.\(r)", bytes)) }
         let writer = try CheckpointWriter(directory: stateDirectory, rank: rank, every: 1, keep: config.lora.keepStates)
-        if let url = try writer.write(step: position.optimizerSteps, blobs: blobs) { filesWritten.append(url.path) }
-        try communicator.barrier()
+        let url = try writer.write(step: position.optimizerSteps, blobs: blobs)
+        if let url { filesWritten.append(url.path) }
+        return url
+    }
+
+    private func exclusive<T>(_ body: () throws -> T) rethrows -> T {
+        guard let stop else { return try body() }
+        return try stop.locked(body)
     }
 
     /// Whether this run's state folder holds a complete state (rank 0 decides, every rank gets its answer: the

@@ -25,10 +25,14 @@ public final class Trainer {
     public let communicator: any Communicator
     /// Rank 0's user-facing lines (stdout).
     let say: (String) -> Void
+    /// The CLI's immediate stop on a signal (ImmediateStop); nil: signals act at step boundaries only.
+    let stop: ImmediateStop?
 
-    public init(config: TrainingConfig, communicator: any Communicator, say: @escaping (String) -> Void = { print($0) }) {
+    public init(config: TrainingConfig, communicator: any Communicator, stop: ImmediateStop? = nil,
+                say: @escaping (String) -> Void = { print($0) }) {
         self.config = config
         self.communicator = communicator
+        self.stop = stop
         self.say = communicator.rank == 0 ? say : { _ in }
     }
 
@@ -41,7 +45,7 @@ public final class Trainer {
         let family = Kernels.family
         defer { Kernels.use(family) }
         let stages = try TrainingStages(config: config, communicator: communicator, say: say)
-        return try TrainingLoop(stages: stages, say: say).run(resume: resume ?? config.resume, wallStart: wallStart)
+        return try TrainingLoop(stages: stages, stop: stop, say: say).run(resume: resume ?? config.resume, wallStart: wallStart)
     }
 }
 
@@ -69,6 +73,11 @@ final class TrainingStages {
     let outputDirectory: URL
 
     var rank: Int { communicator.rank }
+
+    /// Test hooks (LORA_DIST_TEST_SETUP_DELAY / LORA_DIST_TEST_STEP_DELAY, seconds): a slow latent cache build and slow
+    /// micro-steps on the tiny model, so that the stop tests can signal a rank while it is busy there.
+    static let testSetupDelay = ProcessInfo.processInfo.environment["LORA_DIST_TEST_SETUP_DELAY"].flatMap { Double($0) }
+    static let testStepDelay = ProcessInfo.processInfo.environment["LORA_DIST_TEST_STEP_DELAY"].flatMap { Double($0) }
 
     init(config: TrainingConfig, communicator: any Communicator, say: (String) -> Void) throws {
         self.config = config
@@ -149,6 +158,7 @@ final class TrainingStages {
         // Stage 2: the latent cache (the first expensive work), then the batch assembler over it. The VAE: kohya's --vae
         // file, else the checkpoint's; its shape is checked here, before anything is encoded.
         let latentFolder = inputs.latentFolder
+        if let seconds = Self.testSetupDelay { Thread.sleep(forTimeInterval: seconds) }
         let cache = try LatentCache(storage: .disk(latentFolder))
         let encoder = try LatentEncoder(checkpoint: checkpoint, vaeFile: config.vae, family: config.noHalfVAE ? .fp32 : Kernels.family)
         let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: encoder.identity,
@@ -166,6 +176,7 @@ final class TrainingStages {
     /// sums added into `gradients`.
     func microStep(_ epochPlan: EpochPlan, stepIndex: Int, gradients: inout [Float]) throws -> (lossSum: Double, samples: Int) {
         guard let batch = try batches.batch(epochPlan, stepIndex: stepIndex, rank: rank) else { return (0, 0) }
+        if let seconds = Self.testStepDelay { Thread.sleep(forTimeInterval: seconds) }
         network.training = true
         network.dropoutSeed = RunRandom.mix([plan.seed, RunRandom.Stream.dropout.rawValue, UInt64(epochPlan.epoch),
                                              UInt64(stepIndex), UInt64(rank)])

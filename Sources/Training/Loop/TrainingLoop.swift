@@ -6,6 +6,8 @@ import Foundation
 final class TrainingLoop {
     let stages: TrainingStages
     let say: (String) -> Void
+    /// The CLI's immediate stop (nil in-process: the step-boundary protocol alone).
+    let stop: ImmediateStop?
     var config: TrainingConfig { stages.config }
     var communicator: any Communicator { stages.communicator }
     var rank: Int { communicator.rank }
@@ -15,8 +17,9 @@ final class TrainingLoop {
     /// kohya's avr_loss window, carried in the state.
     private var average: MovingLossAverage
 
-    init(stages: TrainingStages, say: @escaping (String) -> Void) {
+    init(stages: TrainingStages, stop: ImmediateStop?, say: @escaping (String) -> Void) {
         self.stages = stages
+        self.stop = stop
         self.say = say
         average = MovingLossAverage(window: max(stages.plan.coordinator.optimizerStepsPerEpoch, 1))
     }
@@ -35,6 +38,10 @@ final class TrainingLoop {
         for l in position.losses { _ = average.add(l) }
         for line in stages.startLines() { say(line) }
         StopSignal.install()
+        checkpointer.stop = stop
+        stop?.beginTraining(rank: rank, position: position, stateFolder: checkpointer.stateDirectory.path) { [checkpointer] p in
+            try checkpointer.writeState(p, residualBlobs: [])
+        }
 
         let metrics = rank == 0 ? try MetricsWriter(jsonl: metricsURL, tensorboardDirectory: tensorBoardDirectory) : nil
         defer { metrics?.close() }
@@ -70,6 +77,7 @@ final class TrainingLoop {
                 }
             }
         }
+        stop?.finishing()
         progress?.finish()
         try finish(outcome, position: position, wallStart: wallStart)
         return outcome
@@ -96,26 +104,32 @@ final class TrainingLoop {
     private func optimizerStep(_ gradients: inout [Float], window: Window, position: inout TrainingPosition,
                                metrics: MetricsWriter?, progress: TrainingProgress?) throws {
         let update = stages.update
+        var lossAverage = average.value
         let step = try update.apply(gradients: &gradients, lossSum: window.loss, samples: window.samples,
                                     nonFinite: window.nonFinite, parameters: &stages.network.parameters,
-                                    step: position.optimizerSteps)
+                                    step: position.optimizerSteps, lock: stop?.lock) { step in
+            // The position that goes with the parameters just updated, published with them (ImmediateStop).
+            position.optimizerSteps += 1
+            if step.applied {
+                position.nonFiniteRun = 0
+            } else if step.samples > 0 {
+                position.nonFiniteRun += 1
+                position.skippedSteps += 1
+            }
+            if step.meanLoss.isFinite { lossAverage = average.add(step.meanLoss) }
+            position.losses = average.losses
+            stop?.stepCompleted(position)
+        }
         for i in gradients.indices { gradients[i] = 0 }
         communicationSeconds += step.reduce?.seconds ?? 0
         trainedSamples += step.samples
-        position.optimizerSteps += 1
-        if step.applied {
-            position.nonFiniteRun = 0
-        } else if step.samples > 0 {
-            position.nonFiniteRun += 1
-            position.skippedSteps += 1
+        if !step.applied && step.samples > 0 {
             progress?.note("step \(position.optimizerSteps): non-finite loss or gradient — step skipped (\(position.nonFiniteRun) in a row)")
             if position.nonFiniteRun >= config.lora.maxNonFiniteSteps {
                 throw TrainingError("\(position.nonFiniteRun) steps in a row had a non-finite loss or gradient; stopped. "
                     + "Saved files are intact (last state: \(stages.checkpointer.newestStatePath)). Lower the learning rate or check the data.")
             }
         }
-        let lossAverage = step.meanLoss.isFinite ? average.add(step.meanLoss) : average.value
-        position.losses = average.losses
         let seconds = Date().timeIntervalSince(window.start)
         let effective = update.optimizer.effectiveLearningRates(step.learningRates)
         try metrics?.write(StepMetrics(

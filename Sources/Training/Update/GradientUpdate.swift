@@ -40,8 +40,10 @@ final class GradientUpdate {
 
     /// Collective. `gradients`: this rank's Σ of per-sample gradients over its accumulation window (left reduced and
     /// divided; the caller zeroes it); `lossSum`, `samples`, `nonFinite`: the window's. `step`: optimizer steps done.
+    /// `committed` runs holding `lock` right after the optimizer's update (or the decision to skip it), so that the
+    /// caller can publish the position that goes with the new parameters atomically (ImmediateStop).
     func apply(gradients: inout [Float], lossSum: Double, samples: Int, nonFinite: Bool, parameters: inout [Float],
-               step: Int) throws -> Outcome {
+               step: Int, lock: NSLock? = nil, committed: (Outcome) -> Void = { _ in }) throws -> Outcome {
         // Loss, samples and the non-finite flag of every rank: one small all-reduce.
         var summary: [Float] = [Float(lossSum.isFinite ? lossSum : 0), Float(samples), nonFinite ? 1 : 0]
         try communicator.allReduceSum(&summary)
@@ -49,15 +51,24 @@ final class GradientUpdate {
         let rates = learningRates(step: step)
         var outcome = Outcome(meanLoss: total > 0 ? Double(summary[0]) / Double(total) : .nan, samples: total, applied: false,
                               gradientNorm: nil, learningRates: rates, reduce: nil)
-        guard total > 0 else { return outcome }
-        outcome.reduce = try reducer.sum(&gradients)
-        let inverse = 1 / Float(total)
-        for i in gradients.indices { gradients[i] *= inverse }
-        guard summary[2] == 0, gradients.allSatisfy({ $0.isFinite }) else { return outcome }
-        outcome.gradientNorm = maxGradNorm > 0 ? GradientClipping.clip(&gradients, maxNorm: maxGradNorm)
-            : GradientClipping.totalNorm(gradients)
-        optimizer.step(parameters: &parameters, gradients: gradients, learningRates: rates)
-        outcome.applied = true
+        var ready = false
+        if total > 0 {
+            outcome.reduce = try reducer.sum(&gradients)
+            let inverse = 1 / Float(total)
+            for i in gradients.indices { gradients[i] *= inverse }
+            if summary[2] == 0, gradients.allSatisfy({ $0.isFinite }) {
+                outcome.gradientNorm = maxGradNorm > 0 ? GradientClipping.clip(&gradients, maxNorm: maxGradNorm)
+                    : GradientClipping.totalNorm(gradients)
+                ready = true
+            }
+        }
+        lock?.lock()
+        defer { lock?.unlock() }
+        if ready {
+            optimizer.step(parameters: &parameters, gradients: gradients, learningRates: rates)
+            outcome.applied = true
+        }
+        committed(outcome)
         return outcome
     }
 }
