@@ -6,6 +6,10 @@ import Foundation
 public protocol Communicator: AnyObject, FlagReducer {
     var rank: Int { get }
     var size: Int { get }
+    /// Seconds a wait may last before the rank stops with an error naming the ranks that did not arrive (nil: forever).
+    var timeout: Double? { get set }
+    /// What the rank is waiting in, for that error ("step 12").
+    var waitingFor: String { get set }
     func barrier() throws
     /// Rank `root`'s bytes to every rank (same count everywhere).
     func broadcast(_ buffer: inout [UInt8], root: Int) throws
@@ -121,6 +125,9 @@ private final class RankResults<T>: @unchecked Sendable {
 /// One rank of a `LocalGroup`.
 public final class LocalCommunicator: Communicator {
     public let rank: Int
+    /// Threads of one process cannot stall apart from it: kept for the protocol, not used.
+    public var timeout: Double?
+    public var waitingFor = "a collective"
     public var size: Int { group.size }
     let group: LocalGroup
 

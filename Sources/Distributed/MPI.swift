@@ -10,6 +10,15 @@ public final class MPICommunicator: Communicator {
     public let rank: Int
     public let size: Int
     let comm: MPI_Comm
+    /// A duplicate of `comm` for "are you there?" messages between waiting ranks (never mixed with the data).
+    let control: MPI_Comm
+    /// Seconds a wait may last before this rank stops, naming the ranks that did not arrive (nil: forever).
+    public var timeout: Double?
+    /// What the rank is waiting in, for messages (set by the caller: "the step 12 gradient all-reduce").
+    public var waitingFor = "a collective"
+    /// Collectives entered so far (the same count on every rank: they call them in one order).
+    private(set) var sequence: Int64 = 0
+    static let pingTag: Int32 = 1, answerTag: Int32 = 2
 
     static func check(_ rc: Int32, _ call: String) throws {
         guard rc == lora_mpi_success() else {
@@ -33,6 +42,9 @@ public final class MPICommunicator: Communicator {
         try Self.check(MPI_Comm_rank(comm, &r), "MPI_Comm_rank")
         try Self.check(MPI_Comm_size(comm, &s), "MPI_Comm_size")
         rank = Int(r); size = Int(s)
+        var dup: MPI_Comm? = nil
+        try Self.check(MPI_Comm_dup(comm, &dup), "MPI_Comm_dup")
+        control = dup!
     }
 
     /// Element-wise sum over ranks, in place (plain MPI_Allreduce: the `none` wire format's baseline). Buffers past
@@ -40,8 +52,10 @@ public final class MPICommunicator: Communicator {
     public func allReduceSum(_ buffer: inout [Float]) throws {
         try buffer.withUnsafeMutableBufferPointer { p in
             for (start, n) in Self.chunks(p.count) {
-                try Self.check(MPI_Allreduce(lora_mpi_in_place(), p.baseAddress! + start, n, lora_mpi_float(), lora_mpi_sum(), comm),
-                               "MPI_Allreduce")
+                var request: MPI_Request? = nil
+                try Self.check(MPI_Iallreduce(lora_mpi_in_place(), p.baseAddress! + start, n, lora_mpi_float(), lora_mpi_sum(),
+                                              comm, &request), "MPI_Iallreduce")
+                try complete(&request, "MPI_Iallreduce")
             }
         }
     }
@@ -50,7 +64,9 @@ public final class MPICommunicator: Communicator {
     public func broadcast(_ buffer: inout [UInt8], root: Int) throws {
         try buffer.withUnsafeMutableBufferPointer { p in
             for (start, n) in Self.chunks(p.count) {
-                try Self.check(MPI_Bcast(p.baseAddress! + start, n, lora_mpi_byte(), Int32(root), comm), "MPI_Bcast")
+                var request: MPI_Request? = nil
+                try Self.check(MPI_Ibcast(p.baseAddress! + start, n, lora_mpi_byte(), Int32(root), comm, &request), "MPI_Ibcast")
+                try complete(&request, "MPI_Ibcast")
             }
         }
     }
@@ -61,7 +77,83 @@ public final class MPICommunicator: Communicator {
         return stride(from: 0, to: total, by: most).map { ($0, Int32(min(most, total - $0))) }
     }
 
-    public func barrier() throws { try Self.check(MPI_Barrier(comm), "MPI_Barrier") }
+    public func barrier() throws {
+        var request: MPI_Request? = nil
+        try Self.check(MPI_Ibarrier(comm, &request), "MPI_Ibarrier")
+        try complete(&request, "MPI_Ibarrier")
+    }
+
+    // MARK: waiting without spinning, with a deadline
+
+    /// Waits for `request` like MPI_Wait, but: after 20 ms of polling it sleeps between tests (50 µs doubling to 1 ms:
+    /// a rank waiting for a slower one costs no core), answers other ranks' "are you there?" meanwhile, and after
+    /// `timeout` seconds throws, naming the ranks that did not answer. `peer`: the rank whose message this is.
+    @discardableResult
+    func complete(_ request: inout MPI_Request?, _ call: String, peer: Int? = nil, counted: Bool = true) throws -> MPI_Status {
+        if counted { sequence += 1 }
+        var status = MPI_Status(), flag: Int32 = 0
+        let start = DispatchTime.now().uptimeNanoseconds
+        var pause: UInt32 = 50
+        while true {
+            try Self.check(MPI_Test(&request, &flag, &status), call)
+            if flag != 0 { return status }
+            try answerPings()
+            let waited = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            if let timeout, timeout > 0, waited > timeout { throw try timedOut(call, waited: waited, peer: peer) }
+            if waited > 0.02 {
+                usleep(pause)
+                pause = min(pause * 2, 1000)
+            }
+        }
+    }
+
+    /// Answers every pending "are you there?" with this rank's collective count.
+    private func answerPings() throws {
+        var flag: Int32 = 0, status = MPI_Status()
+        while true {
+            try Self.check(MPI_Iprobe(lora_mpi_any_source(), Self.pingTag, control, &flag, &status), "MPI_Iprobe")
+            guard flag != 0 else { return }
+            var asked: Int64 = 0, mine = sequence
+            try Self.check(MPI_Recv(&asked, 1, lora_mpi_int64(), status.MPI_SOURCE, Self.pingTag, control, &status), "MPI_Recv(ping)")
+            // 8 bytes go eagerly: MPI_Send returns at once, whatever the asking rank does next.
+            try Self.check(MPI_Send(&mine, 1, lora_mpi_int64(), status.MPI_SOURCE, Self.answerTag, control), "MPI_Send(answer)")
+        }
+    }
+
+    /// Asks every other rank whether it is waiting too (5 s for answers) and builds the error.
+    private func timedOut(_ call: String, waited: Double, peer: Int?) throws -> Failure {
+        var mine = sequence
+        for r in 0..<size where r != rank {
+            _ = MPI_Send(&mine, 1, lora_mpi_int64(), Int32(r), Self.pingTag, control)   // eager; a dead rank just stays silent
+        }
+        var answers: [Int: Int64] = [:]
+        let deadline = Date().addingTimeInterval(5)
+        while answers.count < size - 1 && Date() < deadline {
+            var flag: Int32 = 0, status = MPI_Status()
+            try Self.check(MPI_Iprobe(lora_mpi_any_source(), Self.answerTag, control, &flag, &status), "MPI_Iprobe")
+            if flag != 0 {
+                var theirs: Int64 = 0
+                try Self.check(MPI_Recv(&theirs, 1, lora_mpi_int64(), status.MPI_SOURCE, Self.answerTag, control, &status),
+                               "MPI_Recv(answer)")
+                answers[Int(status.MPI_SOURCE)] = theirs
+            } else {
+                try answerPings()
+                usleep(1000)
+            }
+        }
+        let silent = (0..<size).filter { $0 != rank && answers[$0] == nil }
+        let elsewhere = answers.filter { $0.value != mine }.keys.sorted()
+        var text = "rank \(rank): no progress for \(Int(waited)) s in \(waitingFor) (\(call)"
+            + (peer.map { ", waiting for rank \($0)'s message" } ?? "") + "). "
+        if silent.isEmpty {
+            text += "Every rank answered while waiting"
+                + (elsewhere.isEmpty ? "" : "; rank(s) \(elsewhere.map(String.init).joined(separator: ", ")) in another collective (\(elsewhere.map { answers[$0]! }) vs \(mine): the ranks disagree on the order of collectives — a lora-dist bug, please report it)")
+        } else {
+            text += "Rank(s) \(silent.map(String.init).joined(separator: ", ")) did not answer: stopped (SIGSTOP, a suspended job), hung, dead, or still computing a step longer than the timeout"
+        }
+        text += ". The limit (\(Int((timeout ?? 0).rounded())) s) is [lora_dist] collective_timeout plus twice the slowest step so far; states already written are intact"
+        return Failure(description: text)
+    }
 
     /// Ends every rank of the job with `code` (MPI_Abort): for a failure on one rank that would otherwise leave the
     /// others waiting forever in a collective.
@@ -90,8 +182,10 @@ extension MPICommunicator {
         let n = try Self.mpiCount(values.count, "MPI_Allreduce(Int64)")
         let mpiOp = op == .sum ? lora_mpi_sum() : lora_mpi_max()
         try buffer.withUnsafeMutableBufferPointer { p in
-            try Self.check(MPI_Allreduce(lora_mpi_in_place(), p.baseAddress, n, lora_mpi_int64(), mpiOp, comm),
-                           "MPI_Allreduce(Int64)")
+            var request: MPI_Request? = nil
+            try Self.check(MPI_Iallreduce(lora_mpi_in_place(), p.baseAddress, n, lora_mpi_int64(), mpiOp, comm, &request),
+                           "MPI_Iallreduce(Int64)")
+            try complete(&request, "MPI_Iallreduce(Int64)")
         }
         return buffer
     }
@@ -103,35 +197,19 @@ extension MPICommunicator {
         return Int32(n)
     }
 
-    /// Blocking send of `bytes` to rank `to`.
-    public func send(_ bytes: [UInt8], to: Int, tag: Int = 0) throws {
-        let n = try Self.mpiCount(bytes.count, "MPI_Send")
-        try bytes.withUnsafeBytes { p in
-            try Self.check(MPI_Send(p.baseAddress, n, lora_mpi_byte(), Int32(to), Int32(tag), comm), "MPI_Send")
-        }
-    }
-
-    /// Blocking receive of one message from rank `from`, whatever its length (MPI_Probe sizes it).
-    public func receive(from: Int, tag: Int = 0) throws -> [UInt8] {
-        var status = MPI_Status()
-        try Self.check(MPI_Probe(Int32(from), Int32(tag), comm, &status), "MPI_Probe")
-        var count: Int32 = 0
-        try Self.check(MPI_Get_count(&status, lora_mpi_byte(), &count), "MPI_Get_count")
-        var out = [UInt8](repeating: 0, count: Int(count))
-        try out.withUnsafeMutableBytes { p in
-            try Self.check(MPI_Recv(p.baseAddress, count, lora_mpi_byte(), Int32(from), Int32(tag), comm, &status),
-                           "MPI_Recv")
-        }
-        return out
-    }
-
     /// An MPI_Isend in flight. Owns a copy of the message until `wait()` (or deinit, which waits).
     public final class PendingSend: PendingSendRequest {
         private var request: MPI_Request?
         private let storage: UnsafeMutableRawBufferPointer
         private var done = false
 
-        fileprivate init(bytes: [UInt8], to: Int, tag: Int, comm: MPI_Comm) throws {
+        private unowned let owner: MPICommunicator
+        private let peer: Int
+
+        fileprivate init(bytes: [UInt8], to: Int, tag: Int, owner: MPICommunicator) throws {
+            self.owner = owner
+            peer = to
+            let comm = owner.comm
             let n = try MPICommunicator.mpiCount(bytes.count, "MPI_Isend")
             storage = .allocate(byteCount: max(bytes.count, 1), alignment: 16)
             bytes.withUnsafeBytes { storage.copyMemory(from: $0) }
@@ -151,7 +229,8 @@ extension MPICommunicator {
             done = true
             var status = MPI_Status()
             defer { storage.deallocate() }
-            try MPICommunicator.check(MPI_Wait(&request, &status), "MPI_Wait(send)")
+            _ = status
+            try owner.complete(&request, "MPI_Isend", peer: peer, counted: false)
         }
 
         deinit { try? wait() }
@@ -163,7 +242,13 @@ extension MPICommunicator {
         private let storage: UnsafeMutableRawBufferPointer
         private var done = false
 
-        fileprivate init(capacity: Int, from: Int, tag: Int, comm: MPI_Comm) throws {
+        private unowned let owner: MPICommunicator
+        private let peer: Int
+
+        fileprivate init(capacity: Int, from: Int, tag: Int, owner: MPICommunicator) throws {
+            self.owner = owner
+            peer = from
+            let comm = owner.comm
             let n = try MPICommunicator.mpiCount(capacity, "MPI_Irecv")
             storage = .allocate(byteCount: max(capacity, 1), alignment: 16)
             var req: MPI_Request? = nil
@@ -181,8 +266,7 @@ extension MPICommunicator {
             guard !done else { throw MPICommunicator.Failure(description: "PendingReceive.wait called twice") }
             done = true
             defer { storage.deallocate() }
-            var status = MPI_Status()
-            try MPICommunicator.check(MPI_Wait(&request, &status), "MPI_Wait(receive)")
+            var status = try owner.complete(&request, "MPI_Irecv", peer: peer, counted: false)
             var count: Int32 = 0
             try MPICommunicator.check(MPI_Get_count(&status, lora_mpi_byte(), &count), "MPI_Get_count")
             return Array(UnsafeRawBufferPointer(rebasing: storage[0..<Int(count)]))
@@ -195,12 +279,12 @@ extension MPICommunicator {
 
     /// Nonblocking send; the message is copied, so `bytes` may change right after.
     public func isend(_ bytes: [UInt8], to: Int, tag: Int = 0) throws -> any PendingSendRequest {
-        try PendingSend(bytes: bytes, to: to, tag: tag, comm: comm)
+        try PendingSend(bytes: bytes, to: to, tag: tag, owner: self)
     }
 
     /// Nonblocking receive of at most `capacity` bytes from rank `from`.
     public func ireceive(capacity: Int, from: Int, tag: Int = 0) throws -> any PendingReceiveRequest {
-        try PendingReceive(capacity: capacity, from: from, tag: tag, comm: comm)
+        try PendingReceive(capacity: capacity, from: from, tag: tag, owner: self)
     }
 
     /// Every rank's byte buffer, in rank order, on every rank (MPI_Allgatherv; sizes may differ per rank).
@@ -215,10 +299,17 @@ extension MPICommunicator {
         _ = try Self.mpiCount(total, "MPI_Allgatherv total")
         var out = [UInt8](repeating: 0, count: max(total, 1))
         let n = Int32(bytes.count)
+        // Every buffer an MPI_Iallgatherv reads or writes stays pinned until it completes.
         try bytes.withUnsafeBytes { src in
             try out.withUnsafeMutableBytes { dst in
-                try Self.check(MPI_Allgatherv(src.baseAddress, n, lora_mpi_byte(), dst.baseAddress, counts, displs,
-                                              lora_mpi_byte(), comm), "MPI_Allgatherv")
+                try counts.withUnsafeBufferPointer { c in
+                    try displs.withUnsafeBufferPointer { d in
+                        var request: MPI_Request? = nil
+                        try Self.check(MPI_Iallgatherv(src.baseAddress, n, lora_mpi_byte(), dst.baseAddress, c.baseAddress,
+                                                       d.baseAddress, lora_mpi_byte(), comm, &request), "MPI_Iallgatherv")
+                        try complete(&request, "MPI_Iallgatherv")
+                    }
+                }
             }
         }
         return (0..<size).map { r in Array(out[Int(displs[r])..<(Int(displs[r]) + sizes[r])]) }
@@ -226,10 +317,14 @@ extension MPICommunicator {
 
     private func allGatherSizes(_ mine: Int) throws -> [Int] {
         var all = [Int64](repeating: 0, count: size)
-        var me = Int64(mine)
-        try all.withUnsafeMutableBufferPointer { p in
-            try Self.check(MPI_Allgather(&me, 1, lora_mpi_int64(), p.baseAddress, 1, lora_mpi_int64(), comm),
-                           "MPI_Allgather(sizes)")
+        var me = [Int64(mine)]
+        try me.withUnsafeMutableBufferPointer { m in
+            try all.withUnsafeMutableBufferPointer { p in
+                var request: MPI_Request? = nil
+                try Self.check(MPI_Iallgather(m.baseAddress, 1, lora_mpi_int64(), p.baseAddress, 1, lora_mpi_int64(), comm, &request),
+                               "MPI_Iallgather(sizes)")
+                try complete(&request, "MPI_Iallgather(sizes)")
+            }
         }
         return all.map(Int.init)
     }

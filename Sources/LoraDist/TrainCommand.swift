@@ -52,6 +52,10 @@ struct TrainCommand: ParsableCommand {
         if let s = maxTrainSteps { cfg.maxTrainSteps = s; cfg.maxTrainEpochs = nil }
         let comm = try startRanks(log)
         stop.setRank(comm.rank)
+        // Setup (model load, latent caching: ranks may encode unequal shares) waits 6× collective_timeout; the loop
+        // then tightens it to collective_timeout beyond twice the slowest step.
+        comm.timeout = cfg.lora.collectiveTimeout > 0 ? 6 * cfg.lora.collectiveTimeout : nil
+        comm.waitingFor = "setup (model load, latent caching)"
         if engine.threads == nil, let t = cfg.lora.threadsPerRank { Threads.set(t) } else { engine.apply() }
         if comm.rank == 0 {
             print("lora-dist train: \(config ?? "embedded demo (configs/demo.toml)"), \(comm.size) rank\(comm.size == 1 ? "" : "s"), \(Threads.count) threads each, OpenBLAS \(BLAS.coreName)")

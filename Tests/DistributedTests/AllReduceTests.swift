@@ -32,6 +32,16 @@ final class AllReduceTests: XCTestCase {
     /// parameters and, with one rank one ulp off, stops every rank naming it.
     func testParameterBroadcastAndDivergenceCheck() throws { try runHarness(np: 3, mode: "sync") }
     func testTwoRanks() throws { try runHarness(np: 2) }
+
+    /// np = 3: a rank waiting for a late one sleeps (CPU ≤ half the wait), and with the last rank stopped (SIGSTOP) the
+    /// others' collective ends after the timeout with an error naming it (it used to spin at 100 % CPU forever).
+    func testWaitingSleepsAndAStoppedRankIsNamed() throws {
+        let started = Date()
+        let (_, output) = try TestProcesses.run(try TestProcesses.executable("MPIHarness"), ["wait"], ranks: 3, timeout: 90)
+        XCTAssertTrue(output.contains("WAIT OK np=3"), output)
+        XCTAssertTrue(output.contains("Rank(s) 2 did not answer"), output)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 60, output)
+    }
     func testThreeRanks() throws { try runHarness(np: 3) }
 
     /// In-process (world of one): bf16 rounding and byte grouping round-trips.

@@ -199,6 +199,48 @@ func runSyncChecks(_ comm: MPICommunicator) throws {
     print("SYNC OK np=\(comm.size) rank=\(comm.rank)")
 }
 
+/// Waiting (issue 13): (1) a rank waiting 3 s in a barrier for a late rank uses little CPU (no busy-spin);
+/// (2) with rank `size − 1` stopped (SIGSTOP), every other rank's collective ends after `timeout` with an error naming
+/// it. Rank 0 prints the measurements; a stopped rank never prints (mpirun kills it after the others exit).
+func runWaitChecks(_ comm: MPICommunicator) throws {
+    func cpuSeconds() -> Double {
+        var u = rusage()
+        getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &u)
+        return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
+    }
+    comm.timeout = 60
+    try comm.barrier()
+    let last = comm.size - 1
+    let (cpu0, wall0) = (cpuSeconds(), Date())
+    if comm.rank == last { Thread.sleep(forTimeInterval: 3) }
+    try comm.barrier()
+    let (cpu, wall) = (cpuSeconds() - cpu0, Date().timeIntervalSince(wall0))
+    if comm.rank == 0 { print(String(format: "WAIT cpu %.3f s over %.2f s", cpu, wall)) }
+    if comm.rank == 0 && (wall < 2.5 || cpu > 0.5 * wall) { fail(String(format: "waiting used %.2f s of CPU in %.2f s", cpu, wall), comm.rank) }
+
+    comm.timeout = 2
+    comm.waitingFor = "the harness's stall check"
+    if comm.rank == last { raise(SIGSTOP) }
+    var flag: [Float] = [1]
+    do {
+        try comm.allReduceSum(&flag)
+        fail("the all-reduce with a stopped rank returned", comm.rank)
+    } catch {
+        let text = "\(error)"
+        guard text.contains("Rank(s) \(last) did not answer"), text.contains("the harness's stall check") else {
+            fail("wrong timeout message: \(text)", comm.rank)
+        }
+        if comm.rank == 0 { print("TIMEOUT \(text)") }
+    }
+    // A stopped rank never reaches MPI_Finalize: end the job the way lora-dist train does after such an error.
+    if comm.rank == 0 {
+        print("WAIT OK np=\(comm.size)")
+        fflush(stdout)
+        comm.abort(code: 0)
+    }
+    while true { sleep(1) }   // until mpirun ends this rank
+}
+
 let args = CommandLine.arguments
 let comm = try MPICommunicator()
 func option(_ name: String, _ fallback: Int) -> Int {
@@ -209,6 +251,7 @@ do {
     switch args.count > 1 ? args[1] : "" {
     case "check": try runChecks(comm)
     case "sync": try runSyncChecks(comm)
+    case "wait": try runWaitChecks(comm)
     case "bench": try runBench(comm, floats: option("--floats", 1 << 20), reps: option("--reps", 3), level: Int32(option("--level", 1)))
     default:
         FileHandle.standardError.write("usage: MPIHarness check | sync | bench --floats N --reps R [--level L]\n".data(using: .utf8)!)

@@ -95,4 +95,18 @@ extension TrainCommandTests {
         XCTAssertLessThan(seconds, 10, r.output)
         XCTAssertTrue(r.output.contains("stopped by SIGUSR1 before training started"), r.output)
     }
+
+    // A rank that stops (SIGSTOP after step 2) does not hang the job: after [lora_dist] collective_timeout (+ twice the
+    // slowest step) rank 0 stops with an error naming it, and the job ends (it used to spin at 100 % CPU forever).
+    func testStalledRankEndsTheJobNamingIt() throws {
+        let images = try squareImages(2)
+        let cfg = try config("stall", images: images, batch: 1, steps: 6, lora: "collective_timeout = 3")
+        let started = Date()
+        let r = try TestProcesses.run(try TestProcesses.executable("lora-dist"), ["train", cfg], ranks: 2,
+                                      environment: ["LORA_DIST_TEST_STALL_AT_STEP": "2"], timeout: 120)
+        XCTAssertNotEqual(r.status, 0, r.output)
+        XCTAssertTrue(r.output.contains("Rank(s) 1 did not answer"), r.output)
+        XCTAssertTrue(r.output.contains("after step 2"), r.output)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 60, r.output)
+    }
 }

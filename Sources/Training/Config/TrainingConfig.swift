@@ -176,6 +176,9 @@ public struct LoraDistOptions: Sendable {
     public var parameterCheckEvery = 100
     /// Keep this many resumable state files (kohya keeps every one; 2 here unless set).
     public var keepStates = 2
+    /// Seconds a rank waits in a collective for the others, beyond twice the slowest step seen, before it stops naming
+    /// the ranks that did not arrive (0 = wait forever). Setup (model load, latent caching) waits 6× as long.
+    public var collectiveTimeout = 300.0
     /// Every warning of the config loader is an error (`--strict`).
     public var strict = false
 

@@ -516,6 +516,10 @@ extension TrainingConfig {
         case "max_nonfinite_steps": lora.maxNonFiniteSteps = try int(atLeast: 1)
         case "parameter_check_every": lora.parameterCheckEvery = try int(atLeast: 0)
         case "keep_states": lora.keepStates = try int(atLeast: 1)
+        case "collective_timeout":
+            guard let d = v.double ?? v.int.map(Double.init) else { throw bad("a number of seconds (0 = wait forever)") }
+            guard d >= 0 else { throw bad("a number of seconds ≥ 0 (0 = wait forever)") }
+            lora.collectiveTimeout = d
         case "strict":
             guard let b = v.bool else { throw bad("true or false") }
             lora.strict = b

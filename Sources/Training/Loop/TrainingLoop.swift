@@ -26,6 +26,9 @@ final class TrainingLoop {
 
     static let testKillAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_KILL_AT_STEP"].flatMap { Int($0) }
     static let testSignalAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_SIGNAL_AT_STEP"].flatMap { Int($0) }
+    static let testStallAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_STALL_AT_STEP"].flatMap { Int($0) }
+    /// The slowest optimizer step so far (seconds): collectives wait `collective_timeout` beyond twice it.
+    private var slowestStep = 0.0
 
     /// One accumulation window's sums on this rank.
     private struct Window {
@@ -55,6 +58,7 @@ final class TrainingLoop {
             let epochPlan = plan.coordinator.plan(epoch: position.epoch)
             while position.nextStep < epochPlan.steps.count && position.optimizerSteps < plan.totalSteps {
                 let index = position.nextStep
+                communicator.waitingFor = "step \(position.optimizerSteps + 1)"
                 let (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients)
                 window.nonFinite = window.nonFinite || !lossSum.isFinite
                 window.loss += lossSum
@@ -78,6 +82,7 @@ final class TrainingLoop {
             }
         }
         stop?.finishing()
+        communicator.waitingFor = "the final save"
         progress?.finish()
         try finish(outcome, position: position, wallStart: wallStart)
         return outcome
@@ -131,6 +136,9 @@ final class TrainingLoop {
             }
         }
         let seconds = Date().timeIntervalSince(window.start)
+        slowestStep = max(slowestStep, seconds)
+        let base = config.lora.collectiveTimeout
+        communicator.timeout = base > 0 ? base + 2 * slowestStep : nil
         let effective = update.optimizer.effectiveLearningRates(step.learningRates)
         try metrics?.write(StepMetrics(
             step: position.optimizerSteps, epoch: position.epoch + 1, loss: step.meanLoss, lossAverage: lossAverage,
@@ -145,6 +153,7 @@ final class TrainingLoop {
     /// any rank stops every rank here, after saving a state). Returns whether to stop.
     private func events(_ position: TrainingPosition, progress: TrainingProgress?) throws -> Bool {
         let step = position.optimizerSteps
+        communicator.waitingFor = "the checks and saves after step \(step)"
         if config.lora.parameterCheckEvery > 0 {
             try ParameterSync(communicator: communicator, every: config.lora.parameterCheckEvery).check(stages.network.parameters, step: step)
         }
@@ -155,6 +164,11 @@ final class TrainingLoop {
             // Test hook (LORA_DIST_TEST_KILL_AT_STEP): die here as a SIGKILLed job would, mid-run, after this
             // step's files are written — the kill-and-resume tests need the kill at a known step.
             kill(getpid(), SIGKILL)
+        }
+        if let stallAt = Self.testStallAtStep, stallAt == step, rank == communicator.size - 1 {
+            // Test hook (LORA_DIST_TEST_STALL_AT_STEP): the last rank stops itself (SIGSTOP), as a suspended or hung
+            // process would; the others must not wait for it forever.
+            raise(SIGSTOP)
         }
         if let signalAt = Self.testSignalAtStep, signalAt == step, rank == communicator.size - 1 {
             // Test hook (LORA_DIST_TEST_SIGNAL_AT_STEP): a real SIGUSR1 to the last rank only, as a user's
