@@ -1,5 +1,6 @@
 import Distributed
 import Foundation
+import SafeTensors
 import TestSupport
 import XCTest
 
@@ -108,5 +109,107 @@ extension TrainCommandTests {
         XCTAssertTrue(r.output.contains("Rank(s) 1 did not answer"), r.output)
         XCTAssertTrue(r.output.contains("after step 2"), r.output)
         XCTAssertLessThan(Date().timeIntervalSince(started), 60, r.output)
+    }
+
+    // Two runs in one output_dir: the second stops at once naming the first (host, pid); after the first is stopped the
+    // next run there says the previous one did not finish, and takes the folder over.
+    func testSecondRunInOneOutputDirStopsAtOnce() throws {
+        let images = try squareImages(2)
+        let cfg = try config("shared", images: images, batch: 1, steps: 4)
+        let dir = work.appendingPathComponent("shared")
+        final class Box: @unchecked Sendable { var result: (status: Int32, output: String)?; var seconds = 0.0; var pid: Int32 = 0 }
+        let second = Box()
+        let exe = try TestProcesses.executable("lora-dist")
+        let first = try TestProcesses.run(exe, ["train", cfg], environment: ["LORA_DIST_TEST_STEP_DELAY": "4"]) { pid in
+            guard Self.waitForSteps(dir.appendingPathComponent("t-metrics.jsonl"), 1) else { return }
+            let t0 = Date()
+            second.result = try? TestProcesses.run(exe, ["train", cfg])
+            second.seconds = Date().timeIntervalSince(t0)
+            second.pid = pid
+            kill(pid, SIGTERM)
+        }
+        let r = try XCTUnwrap(second.result, first.output)
+        XCTAssertNotEqual(r.status, 0, r.output)
+        XCTAssertTrue(r.output.contains("is in use by another lora-dist run") && r.output.contains("pid \(second.pid)"), r.output)
+        XCTAssertLessThan(second.seconds, 10, r.output)
+        XCTAssertTrue(first.output.contains("stopped by SIGTERM"), first.output)
+        let next = try run(["train", cfg, "--resume", "auto"])
+        XCTAssertEqual(next.status, 0, next.output)
+        XCTAssertTrue(next.output.contains("did not finish"), next.output)
+        let again = try run(["train", cfg, "--max-train-steps", "5", "--resume", "auto"])
+        XCTAssertFalse(again.output.contains("did not finish"), "a finished run leaves no stale holder: \(again.output)")
+    }
+
+    // --resume auto with a corrupt newest state falls back to the next older one, saying so; temporaries a killed writer
+    // left (a LoRA's .tmp-<pid>, a state's .state-*.tmp-<pid>, .nosync files) are removed at the next start.
+    func testResumeAutoSkipsACorruptNewestStateAndCleansTemporaries() throws {
+        let images = try squareImages(2)
+        let cfg = try config("corrupt", images: images, batch: 1, steps: 5, extra: "save_every_n_steps = 1\nsave_state = true\n",
+                             lora: "keep_states = 3")
+        let dir = work.appendingPathComponent("corrupt"), states = dir.appendingPathComponent("t-state")
+        let first = try run(["train", cfg, "--max-train-steps", "3"])
+        XCTAssertEqual(first.status, 0, first.output)
+        XCTAssertEqual(try CheckpointWriter.completeStates(in: states).map(\.step), [1, 2, 3])
+        // Flip one byte in the middle of the newest state: its checksum no longer matches.
+        let newest = states.appendingPathComponent(CheckpointWriter.fileName(step: 3))
+        var bytes = try Data(contentsOf: newest)
+        bytes[bytes.count / 2] ^= 0xFF
+        try bytes.write(to: newest)
+        let leftovers = ["t-step00000002.safetensors.tmp-99999", ".nosync.t.safetensors.abc"]
+        for name in leftovers { try Data([1, 2, 3]).write(to: dir.appendingPathComponent(name)) }
+        try Data([1]).write(to: states.appendingPathComponent(".state-00000004.tmp-99999"))
+        let resumed = try run(["train", cfg, "--resume", "auto"])
+        XCTAssertEqual(resumed.status, 0, resumed.output)
+        XCTAssertTrue(resumed.output.contains("state-00000003.ldstate cannot be used") && resumed.output.contains("trying the next older one"), resumed.output)
+        XCTAssertTrue(resumed.output.contains("at step 2/5"), resumed.output)
+        XCTAssertTrue(resumed.output.contains("removed 3 incomplete file(s)"), resumed.output)
+        for name in leftovers { XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent(name).path), name) }
+    }
+
+    // A refused resume names the settings that changed; a dataset with images added is accepted, saying what changed.
+    func testResumeSaysWhatChanged() throws {
+        let images = try squareImages(3)
+        let cfg = try config("changed", images: images, batch: 1, steps: 4, extra: "save_every_n_steps = 2\nsave_state = true\n")
+        let dir = work.appendingPathComponent("changed")
+        XCTAssertEqual(try run(["train", cfg, "--max-train-steps", "2"]).status, 0)
+        let other = try run(["train", cfg, "--resume", "auto", "--set", "network_dim=8", "--set", "learning_rate=2e-3"])
+        XCTAssertNotEqual(other.status, 0, other.output)
+        XCTAssertTrue(other.output.contains("network_dim: 4 → 8") && other.output.contains("learning_rate: "), other.output)
+        // One more image (and its caption) in the folder.
+        let extra = try TrainingFixtures.squareImages(4, in: work.appendingPathComponent("img4"))
+        for name in try FileManager.default.contentsOfDirectory(atPath: extra.path) where name.hasPrefix("sq_03") {
+            try? FileManager.default.copyItem(at: extra.appendingPathComponent(name), to: images.appendingPathComponent(name))
+        }
+        let added = try run(["train", cfg, "--resume", "auto"])
+        XCTAssertEqual(added.status, 0, added.output)
+        XCTAssertTrue(added.output.contains("dataset changed since the state: 1 image(s) added"), added.output)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir.appendingPathComponent("t.safetensors").path))
+    }
+
+    // Elastic resume: a state written by 2 ranks continues on 1 rank at the same step (the global batch before/after
+    // printed), and `lora-dist export` turns a state into the LoRA file the step save of that step holds.
+    func testElasticResumeAndExport() throws {
+        let images = try squareImages(3)
+        let cfg = try config("elastic", images: images, batch: 1, steps: 4, extra: "save_every_n_steps = 2\nsave_state = true\n")
+        let dir = work.appendingPathComponent("elastic"), states = dir.appendingPathComponent("t-state")
+        let two = try run(["train", cfg, "--max-train-steps", "2"], ranks: 2)
+        XCTAssertEqual(two.status, 0, two.output)
+        let exported = work.appendingPathComponent("exported.safetensors")
+        let e = try run(["export", states.path, "--out", exported.path])
+        XCTAssertEqual(e.status, 0, e.output)
+        XCTAssertTrue(e.output.contains("step 2"), e.output)
+        // The final save of the 2-step run is step 2's LoRA: the export from step 2's state has the same tensors.
+        XCTAssertEqual(try loraTensors(exported.path), try loraTensors(dir.appendingPathComponent("t.safetensors").path))
+        let meta = try SafeTensorsFile(path: exported.path).metadata
+        XCTAssertEqual(meta["ss_output_name"], "t")
+        XCTAssertNotNil(meta["sshs_model_hash"])
+        let one = try run(["train", cfg, "--resume", "auto"])
+        XCTAssertEqual(one.status, 0, one.output)
+        XCTAssertTrue(one.output.contains("resuming a 2-rank state on 1 rank") && one.output.contains("Global batch 2 = 1 × 1 × 2 ranks → 1 = 1 × 1 × 1")
+                      && one.output.contains("gradient_accumulation_steps = 2 would keep 2"), one.output)
+        XCTAssertTrue(one.output.contains("at step 2/4"), one.output)
+        let bad = try run(["export", work.appendingPathComponent("nothing").path])
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.output.contains("no such state file or folder"), bad.output)
     }
 }

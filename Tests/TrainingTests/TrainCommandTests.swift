@@ -279,10 +279,7 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertEqual(requeued.status, 0, requeued.output)
         XCTAssertTrue(requeued.output.contains("resumed from"), requeued.output)
         XCTAssertEqual(try loraTensors(signalledDir.appendingPathComponent("t.safetensors").path), a)
-        // Resuming with another world size is refused, naming both.
-        let wrong = try run(["train", cfg, "--resume", killedDir.appendingPathComponent("t-state").path])
-        XCTAssertNotEqual(wrong.status, 0)
-        XCTAssertTrue(wrong.output.contains("2 ranks") && wrong.output.contains("has 1"), wrong.output)
+        // Another world size resumes too (elastic): StopTests.testElasticResumeAndExport.
     }
 
     // save_every_n_steps with kohya's save_last_n_steps and AI Toolkit's keep count, on disk.

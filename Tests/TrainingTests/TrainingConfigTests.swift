@@ -604,3 +604,24 @@ final class TrainingConfigTests: XCTestCase {
         }
     }
 }
+
+/// Issue 13, items 5 and 6: kohya traps that used to train silently.
+extension TrainingConfigTests {
+    // kohya networks/lora.py LoRAModule.__init__: `alpha = self.lora_dim if alpha is None or alpha == 0 else alpha`
+    // (read in sd-scripts; the same line in LyCORIS's LoConModule): alpha 0 means alpha = rank, not a LoRA that does
+    // nothing (scale 0 kept every lora_up at 0).
+    func testNetworkAlphaZeroMeansAlphaEqualsRank() throws {
+        let c = try parse(minimal + "network_dim = 8\nnetwork_alpha = 0\nnetwork_args = [\"conv_dim=4\", \"conv_alpha=0\"]\n")
+        let net = try c.networkOptions
+        XCTAssertEqual(net.linearAlpha, 8)
+        XCTAssertEqual(net.convAlpha, 4)
+        XCTAssertTrue(c.notes.contains { $0.contains("network_alpha = 0: read as network_alpha = network_dim (8)") }, "\(c.notes)")
+    }
+
+    func testLearningRateZeroIsSaidAtStart() throws {
+        let c = try parse(minimal + "learning_rate = 0\n")
+        XCTAssertTrue(c.warnings.contains { $0.contains("learning_rate = 0") && $0.contains("will not change") }, "\(c.warnings)")
+        let trains = try parse(minimal + "learning_rate = 0\nunet_lr = 1e-4\n")
+        XCTAssertFalse(trains.warnings.contains { $0.contains("learning_rate = 0") }, "\(trains.warnings)")
+    }
+}

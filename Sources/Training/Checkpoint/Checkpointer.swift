@@ -25,6 +25,21 @@ struct StateInfo: Codable {
     var optimizer: String
     var wireFormat: String
     var trainingStartedAt: Double
+    /// Since issue 13 (absent in older states): the fingerprinted settings key by key, the manifest's sample ids,
+    /// the micro-steps per epoch and the batch shape of the writing run — what a resume compares to say what changed
+    /// and to carry the position to another world size.
+    var settings: [String: String]? = nil
+    var samples: [String]? = nil
+    var stepsPerEpoch: Int? = nil
+    var batchSize: Int? = nil
+    var gradientAccumulation: Int? = nil
+}
+
+/// What a resume found and did, for the lines the loop prints.
+struct Restored {
+    var position: TrainingPosition
+    var url: URL
+    var notes: [String] = []
 }
 
 /// Stage 5 — what a run leaves on disk: kohya-format LoRA files (with kohya's metadata) on the save cadences with
@@ -120,11 +135,19 @@ final class Checkpointer {
     /// Rank 0's part of a state save, no collective (`ImmediateStop` calls it alone, with no residuals: they are
     /// other ranks' memory). Returns the file written.
     func writeState(_ position: TrainingPosition, residualBlobs: [[UInt8]]) throws -> URL? {
+        let c = plan.coordinator
         let info = StateInfo(position: position, worldSize: worldSize, fingerprint: config.fingerprint, seed: plan.seed,
                              optimizer: optimizer.name, wireFormat: config.lora.wireFormat.rawValue,
-                             trainingStartedAt: startedAt.timeIntervalSince1970)
+                             trainingStartedAt: startedAt.timeIntervalSince1970,
+                             settings: Dictionary(config.fingerprintParts.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 }),
+                             samples: c.sampleIDs, stepsPerEpoch: c.stepsPerEpoch, batchSize: c.batchSize,
+                             gradientAccumulation: c.gradientAccumulation)
         var blobs: [(name: String, bytes: [UInt8])] = [("info.json", Array(try JSONEncoder().encode(info)))]
         blobs.append(("lora", network.parameters.withUnsafeBytes { Array($0) }))
+        // The file layout and metadata, so `lora-dist export` makes a LoRA file from this state alone.
+        let layout = LoRAFile.Layout(network, metadata: loraMetadata(position: position, final: false),
+                                     savePrecision: config.savePrecision)
+        blobs.append(("lora.layout", Array(try JSONEncoder().encode(layout))))
         for (name, bytes) in optimizer.stateBlobs() { blobs.append(("optimizer." + name, bytes)) }
         for (r, bytes) in residualBlobs.enumerated() { blobs.append(("residual.\(r)", bytes)) }
         let writer = try CheckpointWriter(directory: stateDirectory, rank: rank, every: 1, keep: config.lora.keepStates)
@@ -149,43 +172,112 @@ final class Checkpointer {
     /// The newest state's path, for messages.
     var newestStatePath: String { (try? CheckpointWriter.newestState(in: stateDirectory))??.url.path ?? "none written" }
 
-    /// Reads a state (a state file, or the state folder: its newest complete state), checks it belongs to this run,
-    /// and puts its values into the network, the optimizer and the reducer.
-    func restore(from path: String) throws -> TrainingPosition {
+    /// Reads a state (a state file, or the state folder: its newest readable state — a corrupt or truncated newer one is
+    /// skipped, saying so), checks it belongs to this run (naming the settings that changed), carries its position to
+    /// this run's world size and dataset when they differ, and puts its values into the network, the optimizer and
+    /// the reducer.
+    func restore(from path: String) throws -> Restored {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
             throw TrainingError("--resume \(path): no such state file or folder")
         }
-        let url: URL
+        var notes: [String] = []
         if isDir.boolValue {
-            guard let newest = try CheckpointWriter.newestState(in: URL(fileURLWithPath: path)) else {
-                throw TrainingError("--resume \(path): the folder holds no complete state")
+            let states = try CheckpointWriter.completeStates(in: URL(fileURLWithPath: path))
+            guard !states.isEmpty else { throw TrainingError("--resume \(path): the folder holds no complete state") }
+            for (i, state) in states.reversed().enumerated() {
+                let blobs: [String: [UInt8]], info: StateInfo
+                do { (blobs, info) = try Self.readState(state.url) } catch {
+                    notes.append("state \(state.url.lastPathComponent) cannot be used (\(error))" + (i + 1 < states.count ? "; trying the next older one" : ""))
+                    continue
+                }
+                var restored = try apply(blobs, info: info, url: state.url)
+                restored.notes = notes + restored.notes
+                return restored
             }
-            url = newest.url
-        } else {
-            url = URL(fileURLWithPath: path)
+            throw TrainingError("--resume \(path): no state in the folder can be read:\n  " + notes.joined(separator: "\n  "))
         }
+        let url = URL(fileURLWithPath: path)
+        let (blobs, info) = try Self.readState(url)
+        return try apply(blobs, info: info, url: url)
+    }
+
+    static func readState(_ url: URL) throws -> ([String: [UInt8]], StateInfo) {
         let blobs = try StateBlobs.read(url)
         guard let infoBytes = blobs["info.json"], let info = try? JSONDecoder().decode(StateInfo.self, from: Data(infoBytes)) else {
             throw TrainingError("\(url.path): not a lora-dist training state (no info.json blob)")
         }
-        guard info.worldSize == worldSize else {
-            throw TrainingError("\(url.path) was written by a run with \(info.worldSize) ranks; this run has \(worldSize). Resume with the same number of ranks (the data plan depends on it)")
-        }
+        return (blobs, info)
+    }
+
+    private func apply(_ blobs: [String: [UInt8]], info: StateInfo, url: URL) throws -> Restored {
+        var notes: [String] = []
         guard info.fingerprint == config.fingerprint else {
-            throw TrainingError("\(url.path): the configuration changed since this state was written (model, dataset, network, optimizer, schedule, seed, batch or loss settings). Resume with the same settings, or start a new run")
+            var what = "model, dataset, network, optimizer, schedule, seed, batch or loss settings"
+            if let old = info.settings {
+                let now = Dictionary(config.fingerprintParts.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 })
+                let changed = Set(old.keys).union(now.keys).sorted().filter { old[$0] != now[$0] }
+                if !changed.isEmpty {
+                    what = changed.map { "\($0): \(Self.show(old[$0])) → \(Self.show(now[$0]))" }.joined(separator: "; ")
+                }
+            }
+            throw TrainingError("\(url.path): the configuration changed since this state was written (\(what)). Resume with the same settings, or start a new run (another output_dir, or without --resume)")
         }
         guard let lora = blobs["lora"], lora.count == network.parameterCount * 4 else {
             throw TrainingError("\(url.path): the LoRA blob is missing or has the wrong size for this network")
+        }
+        var position = info.position
+        let c = plan.coordinator
+        // The dataset: the same settings may list other images (added or removed files). Accepted — a user who adds
+        // images to a running job means it — and said; the plan of the rest of the epoch is the new dataset's.
+        var dataChanged = false
+        if let old = info.samples {
+            let was = Set(old), now = Set(c.sampleIDs)
+            let added = now.subtracting(was).sorted(), removed = was.subtracting(now).sorted()
+            if !added.isEmpty || !removed.isEmpty {
+                dataChanged = true
+                func list(_ ids: [String]) -> String { ids.prefix(3).joined(separator: ", ") + (ids.count > 3 ? ", …" : "") }
+                notes.append("dataset changed since the state: \(added.count) image(s) added\(added.isEmpty ? "" : " (\(list(added)))"), \(removed.count) removed\(removed.isEmpty ? "" : " (\(list(removed)))"); training continues at step \(position.optimizerSteps) with the new dataset")
+            }
+        }
+        // Elastic resume: the LoRA, the optimizer state and the step count do not depend on the world size; the data
+        // plan does. The position moves to the same fraction of the epoch in the new plan.
+        if info.worldSize != worldSize || dataChanged {
+            let oldSteps = info.stepsPerEpoch ?? ((try? c.resized(worldSize: info.worldSize))?.stepsPerEpoch ?? c.stepsPerEpoch)
+            let fraction = oldSteps > 0 ? Double(min(position.nextStep, oldSteps)) / Double(oldSteps) : 0
+            var next = Int((fraction * Double(c.stepsPerEpoch)).rounded(.down))
+            next -= next % c.gradientAccumulation   // at the start of an accumulation window
+            position.nextStep = min(next, c.stepsPerEpoch)
+            if info.worldSize != worldSize {
+                let batch = info.batchSize ?? c.batchSize, accumulation = info.gradientAccumulation ?? c.gradientAccumulation
+                let before = batch * accumulation * info.worldSize, after = c.globalBatch
+                var line = "resuming a \(info.worldSize)-rank state on \(worldSize) rank\(worldSize == 1 ? "" : "s"): LoRA, optimizer state and step \(position.optimizerSteps) carry over; the rest of epoch \(position.epoch + 1) follows the \(worldSize)-rank plan from its micro-step \(position.nextStep) of \(c.stepsPerEpoch) (the same fraction of the epoch; its images are re-dealt, so until the epoch ends some may come twice and others not at all). Global batch \(before) = \(batch) × \(accumulation) × \(info.worldSize) ranks → \(after) = \(c.batchSize) × \(c.gradientAccumulation) × \(worldSize)"
+                if before != after {
+                    let keep = before % (c.batchSize * worldSize) == 0 ? before / (c.batchSize * worldSize) : nil
+                    line += "; the optimizer now averages over \(after) samples per step instead of \(before)"
+                        + (keep.map { " (gradient_accumulation_steps = \($0) would keep \(before))" } ?? "")
+                }
+                notes.append(line)
+                if config.lora.wireFormat == .bf16 { notes.append("wire_format bf16: the per-rank error-feedback residuals start at zero (they belong to the old ranks)") }
+            }
         }
         network.parameters = lora.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
         var optimizerBlobs: [String: [UInt8]] = [:]
         for (k, v) in blobs where k.hasPrefix("optimizer.") { optimizerBlobs[String(k.dropFirst("optimizer.".count))] = v }
         try optimizer.restore(optimizerBlobs)
-        if config.lora.wireFormat == .bf16, let residual = blobs["residual.\(rank)"] {
+        if config.lora.wireFormat == .bf16, info.worldSize == worldSize, let residual = blobs["residual.\(rank)"] {
             try reducer.restoreResidual(residual.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) })
         }
         startedAt = Date(timeIntervalSince1970: info.trainingStartedAt)
-        return info.position
+        return Restored(position: position, url: url, notes: notes)
+    }
+
+    private static func show(_ v: String?) -> String {
+        guard var v else { return "(absent)" }
+        // fingerprintParts quote each value (String(reflecting:)): "4" reads better as 4.
+        if v.count >= 2, v.hasPrefix("\""), v.hasSuffix("\""), !v.dropFirst().dropLast().contains("\"") {
+            v = String(v.dropFirst().dropLast())
+        }
+        return v.count > 80 ? String(v.prefix(77)) + "…" : v
     }
 }

@@ -133,8 +133,14 @@ extension TrainingConfig {
     /// (a run may be extended), caching switches, gradient checkpointing, mixed_precision (a run may resume in
     /// another precision; the LoRA and optimizer state are fp32 either way), threads per rank. A saved state records it; `--resume` must refuse a state whose fingerprint differs.
     public var fingerprint: String {
-        var parts: [String] = []
-        func add(_ k: String, _ v: Any?) { parts.append("\(k)=\(v.map { String(reflecting: $0) } ?? "nil")") }
+        let digest = SHA256.hash(data: Data(fingerprintParts.map { "\($0.key)=\($0.value)" }.joined(separator: "\n").utf8))
+        return digest.map { String(format: "%02x", $0) }.joined()
+    }
+
+    /// What the fingerprint hashes, key by key (a state records them, so a refused resume can say which changed).
+    public var fingerprintParts: [(key: String, value: String)] {
+        var parts: [(key: String, value: String)] = []
+        func add(_ k: String, _ v: Any?) { parts.append((k, v.map { String(reflecting: $0) } ?? "nil")) }
         for (key, field) in Self.fields.sorted(by: { $0.key < $1.key }) where field.fingerprinted {
             add(key, field.read(self).description)
         }
@@ -146,8 +152,7 @@ extension TrainingConfig {
         add("lora_dist.cache_mode", lora.cacheMode.rawValue)
         add("lora_dist.trigger", lora.trigger)
         add("lora_dist.resolutions", lora.resolutions)
-        let digest = SHA256.hash(data: Data(parts.joined(separator: "\n").utf8))
-        return digest.map { String(format: "%02x", $0) }.joined()
+        return parts
     }
 
     // MARK: kohya view

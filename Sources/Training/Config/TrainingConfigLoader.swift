@@ -577,6 +577,15 @@ extension TrainingConfig {
             notes.append("resolution \(r[0]),\(r[1]): replaced by [lora_dist] resolutions \(lora.resolutions!)")
         }
         warnings += try parseNetwork().warnings
+        // kohya networks/lora.py LoRAModule: `alpha = self.lora_dim if alpha is None or alpha == 0 else alpha`.
+        if networkAlpha == 0 {
+            notes.append("network_alpha = 0: read as network_alpha = network_dim (\(networkDim)), as kohya does (scale 1; the file stores alpha \(networkDim))")
+        }
+        // kohya train_network.py trains at lr 0 after a warning; so does lora-dist, saying so.
+        let rates = [learningRate] + (unetLR.map { [$0] } ?? []) + (textEncoderLR ?? [])
+        if learningRate == 0 && (unetLR ?? 0) == 0 && (textEncoderLR ?? []).allSatisfy({ $0 == 0 }) {
+            warnings.append("learning_rate = 0\(rates.count > 1 ? " (and unet_lr / text_encoder_lr 0 or unset)" : ""): the LoRA will not change from its initial values (lora_up stays 0: the file does nothing)")
+        }
     }
 
     // MARK: Network
@@ -694,6 +703,9 @@ extension TrainingConfig {
             }
             // kohya: conv_alpha defaults to 1.0 when conv_dim is given; conv_alpha alone does nothing there.
             if o.convDim != nil && o.convAlpha == nil { o.convAlpha = 1.0 }
+            // LoRAModule (and LyCORIS's LoConModule): alpha None or 0 means alpha = the module's rank.
+            if o.linearAlpha == 0 { o.linearAlpha = Double(networkDim) }
+            if o.convAlpha == 0, let c = o.convDim { o.convAlpha = Double(c) }
             if o.convDim == nil && o.convAlpha != nil {
                 throw error("network_args", "conv_alpha without conv_dim does nothing — add conv_dim (e.g. \"conv_dim=8\") or remove conv_alpha")
             }

@@ -71,6 +71,8 @@ final class TrainingStages {
     let update: GradientUpdate
     let checkpointer: Checkpointer
     let outputDirectory: URL
+    /// Rank 0's hold on output_dir for the run (released at the end; the kernel drops it if the process dies).
+    let outputLock: OutputLock?
 
     var rank: Int { communicator.rank }
 
@@ -84,8 +86,16 @@ final class TrainingStages {
         self.communicator = communicator
         // The kernel family first: frozen weights are bound for it (WeightBinder) and latents are keyed by it.
         for line in config.useKernelFamily() { say(line) }
-        let inputs = try RunInputs(config: config, communicator: communicator)
+        let inputs = try RunInputs(config: config, communicator: communicator, lockOutput: true)
         outputDirectory = inputs.outputDirectory
+        outputLock = inputs.outputLock
+        if let stale = outputLock?.staleHolder {
+            say("output_dir: the previous run here (\(stale)) did not finish (stopped, failed or killed); this run takes the folder over")
+        }
+        if let lock = outputLock {
+            let removed = lock.removeLeftovers(in: [outputDirectory, outputDirectory.appendingPathComponent("\(config.outputName)-state")])
+            if !removed.isEmpty { say("output_dir: removed \(removed.count) incomplete file(s) a killed writer left: \(removed.joined(separator: ", "))") }
+        }
         checkpoint = try SDXLCheckpoint(path: inputs.modelPath)
 
         // Stage 1: the plan (the dataset resolved once: at config load, or here for the built-in one).

@@ -100,8 +100,10 @@ final class TrainingLoop {
             try ParameterSync(communicator: communicator).broadcastFromRankZero(&stages.network.parameters)
             return TrainingPosition()
         }
-        let position = try checkpointer.restore(from: from)
-        say("resumed from \(from) at step \(position.optimizerSteps)/\(stages.plan.totalSteps) (epoch \(position.epoch + 1))")
+        let restored = try checkpointer.restore(from: from)
+        for note in restored.notes { say("resume: \(note)") }
+        let position = restored.position
+        say("resumed from \(restored.url.path) at step \(position.optimizerSteps)/\(stages.plan.totalSteps) (epoch \(position.epoch + 1))")
         return position
     }
 
@@ -188,6 +190,7 @@ final class TrainingLoop {
             if config.saveState || config.saveStateOnTrainEnd { try checkpointer.saveState(position) }
         }
         try communicator.barrier()
+        stages.outputLock?.release()
         let summary = TrainingSummary(filesWritten: checkpointer.filesWritten, seconds: Date().timeIntervalSince(wallStart),
                                       images: trainedSamples, steps: position.optimizerSteps, ranks: communicator.size,
                                       communicationSeconds: communicationSeconds, skippedSteps: position.skippedSteps)

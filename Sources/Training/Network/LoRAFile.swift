@@ -9,22 +9,56 @@ import Tensor
 public enum LoRAFile {
     /// The tensors of `network` as kohya's `save_weights` writes them (every tensor, alpha included, in `dtype`).
     public static func tensors(_ network: LoRANetwork, dtype: DType) -> [String: Tensor] {
-        var out: [String: Tensor] = [:]
-        for m in network.modules {
-            let down = Array(network.parameters[m.downOffset..<m.upOffset])
-            let up = Array(network.parameters[m.upOffset..<m.upOffset + m.upShape.reduce(1, *)])
-            out[m.downName] = Tensor(shape: m.downShape, down, dtype: dtype)
-            out[m.upName] = Tensor(shape: m.upShape, up, dtype: dtype)
-            out[m.alphaName] = Tensor(shape: [], [m.alpha], dtype: dtype)
+        Layout(network, metadata: [:]).tensors(network.parameters, dtype: dtype)
+    }
+
+    /// Where each tensor of the file lives in the network's flat parameter buffer, with each module's alpha and the
+    /// file's metadata: saved in every state, so `lora-dist export` writes the LoRA file from a state alone.
+    public struct Layout: Codable, Sendable {
+        public struct Module: Codable, Sendable {
+            public let name: String
+            public let downShape: [Int], upShape: [Int]
+            public let downOffset: Int, upOffset: Int
+            public let alpha: Float
         }
-        return out
+        public let modules: [Module]
+        public let metadata: [String: String]
+        /// The run's save_precision ("fp16", "bf16", else fp32), the default precision of an export.
+        public var savePrecision: String?
+
+        public init(_ network: LoRANetwork, metadata: [String: String], savePrecision: String? = nil) {
+            self.savePrecision = savePrecision
+            modules = network.modules.map {
+                Module(name: $0.name, downShape: $0.downShape, upShape: $0.upShape, downOffset: $0.downOffset,
+                       upOffset: $0.upOffset, alpha: $0.alpha)
+            }
+            self.metadata = metadata
+        }
+
+        public var parameterCount: Int { modules.map { $0.upOffset + $0.upShape.reduce(1, *) }.max() ?? 0 }
+
+        public func tensors(_ parameters: [Float], dtype: DType) -> [String: Tensor] {
+            var out: [String: Tensor] = [:]
+            for m in modules {
+                out[m.name + ".lora_down.weight"] = Tensor(shape: m.downShape, Array(parameters[m.downOffset..<m.upOffset]), dtype: dtype)
+                out[m.name + ".lora_up.weight"] = Tensor(shape: m.upShape,
+                                                          Array(parameters[m.upOffset..<m.upOffset + m.upShape.reduce(1, *)]), dtype: dtype)
+                out[m.name + ".alpha"] = Tensor(shape: [], [m.alpha], dtype: dtype)
+            }
+            return out
+        }
     }
 
     /// Writes `network` to `path` (tmp + fsync + rename), adding kohya's `sshs_model_hash` / `sshs_legacy_hash`
     /// (computed, as kohya's precalculate_safetensors_hashes does, over the file that holds only the `ss_*` metadata).
     @discardableResult
     public static func save(_ network: LoRANetwork, to path: String, dtype: DType, metadata: [String: String]) throws -> [String: String] {
-        let tensors = tensors(network, dtype: dtype)
+        try save(tensors(network, dtype: dtype), to: path, metadata: metadata)
+    }
+
+    /// Writes `tensors` (a LoRA's, from `tensors(_:dtype:)` or `Layout.tensors`) with kohya's hashes added.
+    @discardableResult
+    public static func save(_ tensors: [String: Tensor], to path: String, metadata: [String: String]) throws -> [String: String] {
         var metadata = metadata
         let (model, legacy) = hashes(tensors: tensors, metadata: metadata.filter { $0.key.hasPrefix("ss_") })
         metadata["sshs_model_hash"] = model

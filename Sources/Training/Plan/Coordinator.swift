@@ -189,6 +189,15 @@ public struct Coordinator: Sendable {
                                     worldSize: worldSize, seed: seed)
     }
 
+    /// The sample ids of the manifest (id order): a state records them, so a resume can say what changed.
+    public var sampleIDs: [String] { entries.map(\.id) }
+
+    /// The same manifest, seed and batch shape on another number of ranks (an elastic resume's old plan).
+    public func resized(worldSize: Int) throws -> Coordinator {
+        try Coordinator(manifest: entries, seed: seed, worldSize: worldSize, batchSize: batchSize,
+                        gradientAccumulation: gradientAccumulation, cacheMode: cacheMode)
+    }
+
     // MARK: ownership
 
     /// Rule 2: per bucket, ⌊n/W⌋ or ⌈n/W⌉ images per rank, dealt largest-repeats-first to the rank with the fewest

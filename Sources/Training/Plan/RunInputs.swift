@@ -14,8 +14,11 @@ public struct RunInputs {
     public var latentFolder: URL { cacheDirectory.appendingPathComponent("latents") }
     public let modelPath: String
     public let dataset: DatasetConfig
+    /// Rank 0's hold on output_dir (`lockOutput`): one run per folder.
+    let outputLock: OutputLock?
 
-    public init(config: TrainingConfig, communicator: any Communicator) throws {
+    /// `lockOutput`: take output_dir for this run (train; `lora-dist cache` only fills the cache).
+    public init(config: TrainingConfig, communicator: any Communicator, lockOutput: Bool = false) throws {
         let fm = FileManager.default
         let rank = communicator.rank
         outputDirectory = URL(fileURLWithPath: config.outputDir)
@@ -26,17 +29,24 @@ public struct RunInputs {
         }
         let builtinFolder = cacheDirectory.appendingPathComponent("builtin-shapes")
         var failure: String? = nil
+        var lock: OutputLock? = nil
         if rank == 0 {
-            for dir in [outputDirectory, cacheDirectory] where failure == nil {
+            let folders = [(outputDirectory, "output_dir"),
+                           (cacheDirectory, config.lora.cacheDir == nil ? "output_dir (its cache folder)" : "[lora_dist] cache_dir")]
+            for (dir, key) in folders where failure == nil {
                 do { try fm.createDirectory(at: dir, withIntermediateDirectories: true) } catch {
-                    failure = "\(dir.path): cannot create this folder (\(error.localizedDescription)); output_dir and [lora_dist] cache_dir must be writable"
+                    failure = "\(key) \(dir.path): cannot create this folder (\(Self.reason(error, dir))); give a folder this user can write"
                 }
             }
+            if failure == nil && lockOutput {
+                do { lock = try OutputLock(outputDirectory: outputDirectory) } catch { failure = "\(error)" }
+            }
         }
+        outputLock = lock
         // Every rank learns of rank 0's failure, so none waits for the others in a collective.
         var flag: [UInt8] = [failure == nil ? 0 : 1]
         try communicator.broadcast(&flag, root: 0)
-        if flag[0] == 1 { throw TrainingError(failure ?? "rank 0 could not create output_dir / cache_dir") }
+        if flag[0] == 1 { throw TrainingError(failure ?? "rank 0 could not create or lock output_dir / cache_dir (its message is above)") }
         if modelPath == "builtin:tiny" {
             // The demo's generated checkpoint (deterministic: the same file on every run).
             modelPath = cacheDirectory.appendingPathComponent("builtin-tiny.safetensors").path
@@ -62,5 +72,23 @@ public struct RunInputs {
         self.modelPath = modelPath
         // The dataset, resolved once: at config load, or here for the built-in one.
         dataset = try config.dataset ?? config.datasetConfig(builtinFolder: builtinFolder)
+    }
+
+    /// The OS's reason for a failed folder creation ("Permission denied", "Not a directory", "Read-only file
+    /// system"), not Foundation's "The operation could not be completed (NSCocoaErrorDomain …)".
+    static func reason(_ error: Error, _ dir: URL) -> String {
+        let ns = error as NSError
+        if let u = ns.userInfo[NSUnderlyingErrorKey] as? NSError, u.domain == NSPOSIXErrorDomain {
+            return String(cString: strerror(Int32(u.code)))
+        }
+        // Find the first existing ancestor: a file where a folder is needed, or one without write permission.
+        var p = dir
+        while p.path != "/" && !FileManager.default.fileExists(atPath: p.path) { p.deleteLastPathComponent() }
+        var isDir: ObjCBool = false
+        if FileManager.default.fileExists(atPath: p.path, isDirectory: &isDir), !isDir.boolValue {
+            return "\(p.path) is a file, not a folder"
+        }
+        if !FileManager.default.isWritableFile(atPath: p.path) { return "\(p.path) is not writable" }
+        return ns.localizedDescription
     }
 }
