@@ -6,8 +6,11 @@ import Foundation
 public struct DatasetIssue: Equatable, CustomStringConvertible, Sendable {
     public let path: String
     public let reason: String
-    public init(path: String, reason: String) { self.path = path; self.reason = reason }
-    public var description: String { "skipped \(path): \(reason)" }
+    /// False for a note about a file that is still used (an image that trains with its class token, a small image
+    /// upscaled): the words must say what happens.
+    public let skipped: Bool
+    public init(path: String, reason: String, skipped: Bool = true) { self.path = path; self.reason = reason; self.skipped = skipped }
+    public var description: String { skipped ? "skipped \(path): \(reason)" : "\(path): \(reason)" }
 }
 
 /// A dataset that cannot be used at all, or a configuration error, naming the file/key/value and what to do.

@@ -121,10 +121,10 @@ public struct DatasetReport: Sendable {
     public func lines(topTags: Int = 20) -> [String] {
         var out: [String] = ["dataset \(source)"]
         let kept = Set(entries.map(\.image.path))
-        let skipped = issues.filter { !kept.contains($0.path) }
+        let skipped = issues.filter { $0.skipped && !kept.contains($0.path) }
         out.append("images: \(entries.count) usable, \(skipped.count) skipped")
         for i in skipped { out.append("  \(i)") }
-        for i in issues where kept.contains(i.path) { out.append("  note: \(i.path): \(i.reason)") }
+        for i in issues where !i.skipped || kept.contains(i.path) { out.append("  note: \(i.path): \(i.reason)") }
         for i in upscaled { out.append("  note: \(i.path): \(i.reason)") }
         for (i, s) in subsets.enumerated() {
             let n = entries.filter { $0.image.subset == i }.count

@@ -39,7 +39,15 @@ extension DatasetConfig {
         let hasImages = entries.contains { imageExtensions.contains(($0 as NSString).pathExtension.lowercased()) }
         if hasImages {
             var c = base; c.imageDir = root.path
-            return DatasetConfig(datasets: [[c]], source: root.path)
+            // The N_name folder itself given as train_data_dir (kohya wants its parent and would find no subset there;
+            // as a flat folder it used to train at 1 repeat without a word): its repeats and class token apply.
+            let tokens = root.lastPathComponent.split(separator: "_", maxSplits: 1).map(String.init)
+            if tokens.count == 2, let n = Int(tokens[0]), n >= 1, !tokens[1].isEmpty {
+                c.numRepeats = n
+                c.classTokens = tokens[1]
+                issues.append(DatasetIssue(path: root.path, reason: "train_data_dir is itself a kohya repeats folder: its images train with \(n) repeats and class token '\(tokens[1])', as they would with train_data_dir = \(root.deletingLastPathComponent().path) (kohya expects the N_name folders inside train_data_dir)", skipped: false))
+            }
+            return DatasetConfig(datasets: [[c]], issues: issues, source: root.path)
         }
         let rootReal = root.resolvingSymlinksInPath().path
         var subsets: [SubsetConfig] = []
@@ -105,6 +113,7 @@ public struct DatasetScan: Sendable {
             let imgs = names.filter { imageExtensions.contains(($0 as NSString).pathExtension.lowercased()) }
                 .map { (dir as NSString).appendingPathComponent($0) }.sorted()
             var claimed: [String: String] = [:]   // caption path -> first image using it
+            var missing: [String] = [], used = 0   // images without a caption file; images kept
             for img in imgs {
                 // A symlink that cannot be resolved (cycle or dangling) is not an image.
                 guard let attrs = try? fm.attributesOfItem(atPath: img) else {
@@ -142,6 +151,8 @@ public struct DatasetScan: Sendable {
                 }
                 var caption: String? = nil
                 var usedPath: String? = nil
+                // What an image without a caption trains with (kohya: the class token when there is one).
+                let fallback = s.classTokens.map { "trains with class token '\($0)'" } ?? "trains with an empty caption"
                 if let cp = capPath {
                     if let data = fm.contents(atPath: cp) {
                         if let text = String(data: data, encoding: .utf8) {
@@ -149,27 +160,55 @@ public struct DatasetScan: Sendable {
                                 $0.trimmingCharacters(in: .whitespacesAndNewlines) }
                             let value = s.enableWildcard ? lines.filter { !$0.isEmpty }.joined(separator: "\n") : (lines.first ?? "")
                             if value.isEmpty {
-                                issues.append(DatasetIssue(path: cp, reason: "empty caption" + (s.classTokens.map { " (using class token '\($0)')" } ?? "")))
+                                issues.append(DatasetIssue(path: cp, reason: "empty caption: the image \(fallback)", skipped: false))
                             } else { caption = value; usedPath = cp }
                         } else {
-                            issues.append(DatasetIssue(path: cp, reason: "caption is not UTF-8 text" + (s.classTokens.map { " (using class token '\($0)')" } ?? "")))
+                            // kohya opens captions as UTF-8 and stops on a decode error; lora-dist skips the image instead
+                            // of training it with a caption it cannot read.
+                            issues.append(DatasetIssue(path: img, reason: "its caption \((cp as NSString).lastPathComponent) is not UTF-8 text (re-save it as UTF-8)"))
+                            continue
                         }
                     } else {
-                        issues.append(DatasetIssue(path: cp, reason: "cannot read caption file"))
+                        issues.append(DatasetIssue(path: img, reason: "cannot read its caption file \((cp as NSString).lastPathComponent)"))
+                        continue
                     }
                 } else {
                     // kohya: "No caption file found ... If class token exists, it will be used."
-                    issues.append(DatasetIssue(path: img, reason: "no caption" + (s.classTokens.map { " (using class token '\($0)')" } ?? " and no class token (empty caption)")))
+                    missing.append(img)
+                    issues.append(DatasetIssue(path: img, reason: "no caption file (\((baseName as NSString).lastPathComponent)\(s.captionExtension)): the image \(fallback)", skipped: false))
                 }
                 images.append(DatasetImage(path: img, captionPath: usedPath, caption: caption, classToken: s.classTokens,
                                            repeats: s.numRepeats, subset: si))
+                used += 1
             }
+            try checkCaptionExtension(s, dir: dir, missing: missing, images: used)
         }
         if images.isEmpty {
             let detail = issues.isEmpty ? "" : ":\n" + issues.map { "  \($0)" }.joined(separator: "\n")
             throw DatasetError("\(config.source): no usable image found (extensions .png .jpg .jpeg .webp)\(detail)")
         }
         return DatasetScan(images: images, issues: issues)
+    }
+
+    /// kohya's caption-extension traps: `caption_extension = "txt"` (no dot: kohya looks for `imagetxt`) or kohya's
+    /// default ".caption" with `.txt` files beside the images make every image train without its caption, and exit 0.
+    /// When most of a subset's images have no caption but files with another caption-like extension sit beside them,
+    /// stop naming the key and what was found.
+    static func checkCaptionExtension(_ s: SubsetConfig, dir: String, missing: [String], images: Int) throws {
+        guard images > 0, missing.count * 2 > images else { return }
+        let fm = FileManager.default
+        var found: [String: [String]] = [:]   // extension → caption files beside the captionless images
+        for img in missing {
+            let base = (img as NSString).deletingPathExtension
+            for ext in [".txt", ".caption", ".tags", ".cap", ".text"] where ext != s.captionExtension {
+                if fm.fileExists(atPath: base + ext) { found[ext, default: []].append(base + ext) }
+            }
+        }
+        guard let (ext, files) = found.max(by: { $0.value.count < $1.value.count }), files.count * 2 > missing.count else { return }
+        let noDot = !s.captionExtension.hasPrefix(".") && "." + s.captionExtension == ext
+        throw DatasetError("caption_extension = \"\(s.captionExtension)\": \(missing.count) of \(images) images in \(dir) have no caption file with that extension, but \(files.count) have a \(ext) file beside them (e.g. \((files[0] as NSString).lastPathComponent))"
+            + (noDot ? ". kohya appends the extension as written (\((missing[0] as NSString).deletingPathExtension)\(s.captionExtension)), so it needs its dot" : "")
+            + ". Set caption_extension = \"\(ext)\" (or remove those files to train without captions)")
     }
 
     /// kohya's FineTuningDataset (library/train_util.py): the metadata file maps image keys to {caption, tags,

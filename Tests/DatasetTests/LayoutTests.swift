@@ -45,7 +45,8 @@ final class LayoutTests: XCTestCase {
         XCTAssertEqual(s.images.first { $0.path.hasSuffix("c.webp") }!.repeats, 10)
         XCTAssertEqual(issues(s, "nonum_x").count, 1)
         XCTAssertTrue(issues(s, "nonum_x")[0].reason.contains("repeat-count"))
-        XCTAssertEqual(issues(s, "b.JPG").map(\.reason), ["no caption (using class token 'character_name')"])
+        XCTAssertEqual(issues(s, "b.JPG").map(\.reason), ["no caption file (b.txt): the image trains with class token 'character_name'"])
+        XCTAssertEqual(issues(s, "b.JPG").map(\.skipped), [false], "the image is kept: the issue must not say skipped")
     }
 
     func testBadInputsEachReportedOnceValidImagesKept() throws {
@@ -60,12 +61,16 @@ final class LayoutTests: XCTestCase {
         try fm.createSymbolicLink(atPath: root.appendingPathComponent("d/loop2.png").path, withDestinationPath: root.appendingPathComponent("d/loop1.png").path)
         let s = try DatasetScan.scan(DatasetConfig.folder(root.appendingPathComponent("d")))
         XCTAssertEqual(Set(s.images.map { ($0.path as NSString).lastPathComponent }),
-                       ["ok.png", "a.jpg", "nocap.webp", "empty.png", "latin.png"])
+                       ["ok.png", "a.jpg", "nocap.webp", "empty.png"])
         XCTAssertEqual(issues(s, "zero.png").map(\.reason), ["empty image file (0 bytes)"])
         XCTAssertEqual(issues(s, "a.png").count, 1); XCTAssertTrue(issues(s, "a.png")[0].reason.contains("shares caption a.txt"))
         XCTAssertEqual(issues(s, "nocap.webp").count, 1); XCTAssertTrue(issues(s, "nocap.webp")[0].reason.hasPrefix("no caption"))
         XCTAssertEqual(issues(s, "empty.txt").count, 1); XCTAssertTrue(issues(s, "empty.txt")[0].reason.hasPrefix("empty caption"))
-        XCTAssertEqual(issues(s, "latin.txt").count, 1); XCTAssertTrue(issues(s, "latin.txt")[0].reason.contains("not UTF-8"))
+        // An unreadable (non-UTF-8) caption skips its image (kohya stops on it); an empty one trains with an empty caption,
+        // and the words say which (issue 13, item 13).
+        XCTAssertEqual(issues(s, "latin.png").count, 1); XCTAssertTrue(issues(s, "latin.png")[0].reason.contains("not UTF-8"))
+        XCTAssertTrue(issues(s, "latin.png")[0].skipped)
+        XCTAssertEqual(issues(s, "empty.txt")[0].description, issues(s, "empty.txt")[0].path + ": empty caption: the image trains with an empty caption")
         XCTAssertEqual(issues(s, "loop1.png").map(\.reason), ["symlink loop"])
         XCTAssertEqual(issues(s, "loop2.png").map(\.reason), ["symlink loop"])
         XCTAssertEqual(s.issues.count, 7)
@@ -158,4 +163,37 @@ final class LayoutTests: XCTestCase {
             XCTAssertTrue("\($0)".contains("image_dir"))
         }
     }
+
+    // Issue 13, item 11: kohya's caption_extension traps stop with the key and the extension found, instead of training
+    // every image captionless (kohya's read_caption: os.path.splitext(image)[0] + caption_extension, read in sd-scripts).
+    func testCaptionExtensionTrapsStopNamingTheKey() throws {
+        for i in 0..<4 { put("t/img\(i).png"); put("t/img\(i).txt", "photo \(i)") }
+        let noDot = DatasetConfig.folder(root.appendingPathComponent("t"), captionExtension: "txt")
+        var e = try XCTUnwrap(Result { try DatasetScan.scan(noDot) }.failureDescription)
+        XCTAssertTrue(e.contains("caption_extension = \"txt\"") && e.contains("4 of 4 images") && e.contains("needs its dot")
+                      && e.contains("Set caption_extension = \".txt\""), e)
+        // kohya's own default, with .txt files beside the images
+        e = try XCTUnwrap(Result { try DatasetScan.scan(DatasetConfig.folder(root.appendingPathComponent("t"), captionExtension: ".caption")) }.failureDescription)
+        XCTAssertTrue(e.contains("caption_extension = \".caption\"") && e.contains("have a .txt file beside them"), e)
+        // A few captionless images among captioned ones are not a trap.
+        put("t/extra.png")
+        XCTAssertEqual(try DatasetScan.scan(DatasetConfig.folder(root.appendingPathComponent("t"), captionExtension: ".txt")).images.count, 5)
+    }
+
+    // Issue 13, item 12: train_data_dir pointing at an N_name folder itself keeps its repeats and class token, saying so.
+    func testRepeatsFolderGivenItselfKeepsItsRepeats() throws {
+        put("parent/10_mychar/a.png"); put("parent/10_mychar/a.txt", "mychar smiling")
+        let cfg = DatasetConfig.folder(root.appendingPathComponent("parent/10_mychar"))
+        XCTAssertEqual(cfg.subsets.map(\.numRepeats), [10])
+        XCTAssertEqual(cfg.subsets.map(\.classTokens), ["mychar"])
+        XCTAssertTrue(cfg.issues.contains { !$0.skipped && $0.reason.contains("itself a kohya repeats folder") }, "\(cfg.issues)")
+        let scan = try DatasetScan.scan(cfg)
+        XCTAssertEqual(scan.images.map(\.repeats), [10])
+        XCTAssertEqual(scan.images.map(\.classToken), ["mychar"])
+    }
+}
+
+private extension Result where Failure == Error {
+    init(_ body: () throws -> Success) { do { self = .success(try body()) } catch { self = .failure(error) } }
+    var failureDescription: String? { if case .failure(let e) = self { return "\(e)" }; return nil }
 }

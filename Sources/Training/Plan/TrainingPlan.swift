@@ -36,7 +36,7 @@ public struct TrainingPlan {
             }
             let rep = try DatasetReport.make(cfg)
             let kept = Set(rep.entries.map(\.image.path))
-            for line in rep.issues.map({ kept.contains($0.path) ? "\($0.path): \($0.reason)" : $0.description })
+            for line in rep.issues.map({ kept.contains($0.path) || !$0.skipped ? "\($0.path): \($0.reason)" : $0.description })
                 + rep.upscaled.map({ "\($0.path): \($0.reason)" }) where seen.insert(line).inserted {
                 issues.append(line)
             }
