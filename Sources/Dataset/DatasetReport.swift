@@ -87,7 +87,7 @@ public struct DatasetReport: Sendable {
                 bucketings[img.subset] = bucketing
             }
             let size: (width: Int, height: Int)
-            do { size = try ImageIO.size(of: img.path) } catch {
+            do { size = try ImageIO.size(of: img.path); try ImageIO.checkComplete(img.path) } catch {
                 issues.append(DatasetIssue(path: img.path, reason: "unreadable image: \(error)")); continue
             }
             guard let p = bucketing.choose(width: size.width, height: size.height) else {

@@ -60,6 +60,34 @@ public enum ImageIO {
         return lora_vips_orientation(image) >= 5 ? (h, w) : (w, h)
     }
 
+    /// Whether the file holds a whole image, from its last bytes (no decoding, so scanning thousands of images costs
+    /// nothing): a JPEG must end with its end-of-image marker (FF D9, trailing padding allowed), a PNG with its IEND
+    /// chunk, a WebP must be as long as its RIFF header says. An interrupted download or copy passes the header read
+    /// (`size(of:)`) but not this; it would otherwise stop a run when its latent is encoded.
+    public static func checkComplete(_ path: String) throws {
+        guard let h = FileHandle(forReadingAtPath: path) else { throw DatasetError("\(path): cannot open") }
+        defer { try? h.close() }
+        let head = [UInt8](h.readData(ofLength: 12))
+        let size = Int((try? h.seekToEnd()) ?? 0)
+        func tail(_ n: Int) -> [UInt8] {
+            try? h.seek(toOffset: UInt64(max(0, size - n)))
+            return [UInt8](h.readData(ofLength: n))
+        }
+        if head.starts(with: [0xFF, 0xD8]) {
+            let t = tail(4096)
+            let hasEOI = t.indices.dropLast().contains { t[$0] == 0xFF && t[$0 + 1] == 0xD9 }
+            if !hasEOI { throw DatasetError("\(path): " + "truncated JPEG (no end-of-image marker in its last bytes): the file is incomplete, e.g. an interrupted download") }
+        } else if head.starts(with: [0x89, 0x50, 0x4E, 0x47]) {
+            let t = tail(64)
+            let iend: [UInt8] = Array("IEND".utf8)
+            let found = t.count >= 4 && (0...(t.count - 4)).contains { Array(t[$0..<$0 + 4]) == iend }
+            if !found { throw DatasetError("\(path): " + "truncated PNG (no IEND chunk at its end): the file is incomplete, e.g. an interrupted download") }
+        } else if head.count == 12, head.starts(with: Array("RIFF".utf8)), Array(head[8..<12]) == Array("WEBP".utf8) {
+            let riff = Int(head[4]) | Int(head[5]) << 8 | Int(head[6]) << 16 | Int(head[7]) << 24
+            if size < riff + 8 { throw DatasetError("\(path): " + "truncated WebP (\(size) bytes of the \(riff + 8) its header announces): the file is incomplete") }
+        }
+    }
+
     /// Decode `path`, apply EXIF orientation, resize with Lanczos3 to exactly `resizeTo` (shrink-on-load when
     /// much smaller), composite any alpha over white, convert to 8-bit RGB, crop `crop` out of the resized
     /// image (kohya's `trim_and_resize_if_required` centre trim: the caller's `Placement` gives both) and

@@ -20,6 +20,31 @@ final class DatasetReportTests: XCTestCase {
         }
     }
 
+    // Issue 13, item 14: JPEG/PNG/WebP files cut short pass the header read; the scan skips them with the reason (they
+    // used to stop the run when their latent was encoded). The whole files are kept.
+    func testTruncatedImagesAreSkippedAtScan() throws {
+        let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Fixtures/dataset/images")
+        try png("cut/a.png", 256, 256, caption: "a")
+        let pngData = try Data(contentsOf: root.appendingPathComponent("cut/a.png"))
+        try pngData.prefix(pngData.count - 20).write(to: root.appendingPathComponent("cut/short.png"))
+        for name in ["exif6.jpg", "rgb.webp"] {
+            let whole = try Data(contentsOf: fixtures.appendingPathComponent(name))
+            let ext = (name as NSString).pathExtension
+            try whole.write(to: root.appendingPathComponent("cut/whole.\(ext)"))
+            try whole.prefix(whole.count - 24).write(to: root.appendingPathComponent("cut/short.\(ext)"))
+            if ext == "jpg" {   // (libwebp already refuses a short file at the header)
+                XCTAssertNoThrow(try ImageIO.size(of: root.appendingPathComponent("cut/short.\(ext)").path), "the header must still read")
+            }
+        }
+        let r = try DatasetReport.make(DatasetReport.folderConfig(root.appendingPathComponent("cut"), resolution: 256))
+        XCTAssertEqual(Set(r.entries.map { ($0.image.path as NSString).lastPathComponent }), ["a.png", "whole.jpg", "whole.webp"])
+        for name in ["short.jpg", "short.png"] {
+            XCTAssertTrue(r.issues.contains { $0.path.hasSuffix(name) && $0.skipped && $0.reason.contains("truncated") }, "\(name): \(r.issues)")
+        }
+        XCTAssertTrue(r.issues.contains { $0.path.hasSuffix("short.webp") && $0.skipped }, "\(r.issues)")
+    }
+
     func testFlatFolderReport() throws {
         let sizes = [("a.png", 1024, 1024), ("b.png", 1344, 768), ("c.png", 600, 900), ("d.png", 2000, 500)]
         try png("flat/a.png", 1024, 1024, caption: "cat, red, Sky")
