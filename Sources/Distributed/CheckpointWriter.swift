@@ -182,6 +182,22 @@ public enum StateBlobs {
         return out
     }
 
+    /// One blob of a state, read without the rest of the file and without the checksum (for a look at `info.json`
+    /// before any expensive work; `read` verifies the whole file when the state is used). nil when absent or cut.
+    public static func peek(_ url: URL, blob wanted: String) -> [UInt8]? {
+        guard let h = FileHandle(forReadingAtPath: url.path) else { return nil }
+        defer { try? h.close() }
+        func take(_ n: Int) -> [UInt8]? { let d = h.readData(ofLength: n); return d.count == n ? [UInt8](d) : nil }
+        guard let m = take(magic.count), m == magic, let c = take(4) else { return nil }
+        for _ in 0..<Int(readLE(c, 0, 4)) {
+            guard let nl = take(4), let name = take(Int(readLE(nl, 0, 4))), let bl = take(8) else { return nil }
+            let length = readLE(bl, 0, 8)
+            if String(decoding: name, as: UTF8.self) == wanted { return length < 1 << 30 ? take(Int(length)) : nil }
+            guard let offset = try? h.offset(), (try? h.seek(toOffset: offset + length)) != nil else { return nil }
+        }
+        return nil
+    }
+
     public static func read(_ url: URL) throws -> [String: [UInt8]] {
         try decode(try Data(contentsOf: url), source: url.path)
     }

@@ -175,6 +175,7 @@ extension TrainCommandTests {
         let other = try run(["train", cfg, "--resume", "auto", "--set", "network_dim=8", "--set", "learning_rate=2e-3"])
         XCTAssertNotEqual(other.status, 0, other.output)
         XCTAssertTrue(other.output.contains("network_dim: 4 → 8") && other.output.contains("learning_rate: "), other.output)
+        XCTAssertFalse(other.output.contains("latent cache"), "refused before the latent cache is built (item 15): \(other.output)")
         // One more image (and its caption) in the folder.
         let extra = try TrainingFixtures.squareImages(4, in: work.appendingPathComponent("img4"))
         for name in try FileManager.default.contentsOfDirectory(atPath: extra.path) where name.hasPrefix("sq_03") {
@@ -211,5 +212,15 @@ extension TrainCommandTests {
         let bad = try run(["export", work.appendingPathComponent("nothing").path])
         XCTAssertNotEqual(bad.status, 0)
         XCTAssertTrue(bad.output.contains("no such state file or folder"), bad.output)
+    }
+
+    // Item 15: an output_dir that cannot be made is an error naming the key and why, not a raw Foundation error.
+    func testBadOutputDirNamesTheKey() throws {
+        let file = work.appendingPathComponent("plainfile")
+        try Data("x".utf8).write(to: file)
+        let r = try run(["train", "--output-dir", file.appendingPathComponent("out").path, "--max-train-steps", "1"])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.output.contains("output_dir") && r.output.contains("is a file, not a folder"), r.output)
+        XCTAssertFalse(r.output.contains("NSCocoaErrorDomain"), r.output)
     }
 }

@@ -212,17 +212,7 @@ final class Checkpointer {
 
     private func apply(_ blobs: [String: [UInt8]], info: StateInfo, url: URL) throws -> Restored {
         var notes: [String] = []
-        guard info.fingerprint == config.fingerprint else {
-            var what = "model, dataset, network, optimizer, schedule, seed, batch or loss settings"
-            if let old = info.settings {
-                let now = Dictionary(config.fingerprintParts.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 })
-                let changed = Set(old.keys).union(now.keys).sorted().filter { old[$0] != now[$0] }
-                if !changed.isEmpty {
-                    what = changed.map { "\($0): \(Self.show(old[$0])) → \(Self.show(now[$0]))" }.joined(separator: "; ")
-                }
-            }
-            throw TrainingError("\(url.path): the configuration changed since this state was written (\(what)). Resume with the same settings, or start a new run (another output_dir, or without --resume)")
-        }
+        try checkSettings(info, url: url)
         guard let lora = blobs["lora"], lora.count == network.parameterCount * 4 else {
             throw TrainingError("\(url.path): the LoRA blob is missing or has the wrong size for this network")
         }
@@ -270,6 +260,40 @@ final class Checkpointer {
         }
         startedAt = Date(timeIntervalSince1970: info.trainingStartedAt)
         return Restored(position: position, url: url, notes: notes)
+    }
+
+    /// Refuses a state written with other settings, naming each changed key (from the state's `settings`).
+    func checkSettings(_ info: StateInfo, url: URL) throws {
+        guard info.fingerprint == config.fingerprint else {
+            var what = "model, dataset, network, optimizer, schedule, seed, batch or loss settings"
+            if let old = info.settings {
+                let now = Dictionary(config.fingerprintParts.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 })
+                let changed = Set(old.keys).union(now.keys).sorted().filter { old[$0] != now[$0] }
+                if !changed.isEmpty {
+                    what = changed.map { "\($0): \(Self.show(old[$0])) → \(Self.show(now[$0]))" }.joined(separator: "; ")
+                }
+            }
+            throw TrainingError("\(url.path): the configuration changed since this state was written (\(what)). Resume with the same settings, or start a new run (another output_dir, or without --resume)")
+        }
+    }
+
+    /// Before any expensive work (the latent cache): the state `--resume` will use must belong to this configuration.
+    /// Reads only its info blob; the full check (checksum, fallback past a corrupt state) is `restore`'s. Collective
+    /// when `resume` is auto.
+    func preflight(resume: String?) throws {
+        guard var from = resume else { return }
+        if from == "auto" {
+            guard try hasState() else { return }
+            from = stateDirectory.path
+        }
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: from, isDirectory: &isDir) else {
+            throw TrainingError("--resume \(from): no such state file or folder")
+        }
+        let url = isDir.boolValue ? (try CheckpointWriter.newestState(in: URL(fileURLWithPath: from)))?.url : URL(fileURLWithPath: from)
+        guard let url, let bytes = StateBlobs.peek(url, blob: "info.json"),
+              let info = try? JSONDecoder().decode(StateInfo.self, from: Data(bytes)) else { return }
+        try checkSettings(info, url: url)
     }
 
     private static func show(_ v: String?) -> String {

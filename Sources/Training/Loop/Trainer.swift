@@ -44,8 +44,9 @@ public final class Trainer {
         // embedding application) leaves it as it found it.
         let family = Kernels.family
         defer { Kernels.use(family) }
-        let stages = try TrainingStages(config: config, communicator: communicator, say: say)
-        return try TrainingLoop(stages: stages, stop: stop, say: say).run(resume: resume ?? config.resume, wallStart: wallStart)
+        let resume = resume ?? config.resume
+        let stages = try TrainingStages(config: config, communicator: communicator, resume: resume, say: say)
+        return try TrainingLoop(stages: stages, stop: stop, say: say).run(resume: resume, wallStart: wallStart)
     }
 }
 
@@ -81,7 +82,8 @@ final class TrainingStages {
     static let testSetupDelay = ProcessInfo.processInfo.environment["LORA_DIST_TEST_SETUP_DELAY"].flatMap { Double($0) }
     static let testStepDelay = ProcessInfo.processInfo.environment["LORA_DIST_TEST_STEP_DELAY"].flatMap { Double($0) }
 
-    init(config: TrainingConfig, communicator: any Communicator, say: (String) -> Void) throws {
+    /// `resume`: checked against the config before the latent cache is built (a refused resume costs nothing).
+    init(config: TrainingConfig, communicator: any Communicator, resume: String? = nil, say: (String) -> Void) throws {
         self.config = config
         self.communicator = communicator
         // The kernel family first: frozen weights are bound for it (WeightBinder) and latents are keyed by it.
@@ -164,6 +166,8 @@ final class TrainingStages {
                                 baseLearningRates: rates, maxGradNorm: config.maxGradNorm)
         checkpointer = Checkpointer(config: config, communicator: communicator, plan: plan, network: network,
                                     optimizer: optimizer, reducer: reducer, outputDirectory: outputDirectory)
+
+        try checkpointer.preflight(resume: resume)
 
         // Stage 2: the latent cache (the first expensive work), then the batch assembler over it. The VAE: kohya's --vae
         // file, else the checkpoint's; its shape is checked here, before anything is encoded.
