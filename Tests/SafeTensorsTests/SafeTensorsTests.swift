@@ -64,5 +64,12 @@ final class SafeTensorsTests: XCTestCase {
         assertRejected(raw("neg", header: #"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0]), "bad shape")
         let ckpt = path("model.ckpt"); FileManager.default.createFile(atPath: ckpt, contents: Data([0x80, 2]))
         assertRejected(ckpt, "pickle")
+        // A PyTorch checkpoint renamed .safetensors is named as one (issue 13): torch.save's zip, a raw pickle.
+        let zip = path("renamed-zip.safetensors")
+        FileManager.default.createFile(atPath: zip, contents: Data([0x50, 0x4B, 0x03, 0x04] + [UInt8](repeating: 0, count: 60)))
+        assertRejected(zip, "PyTorch pickle checkpoint (a torch.save zip archive) with a .safetensors name")
+        let pickle = path("renamed-pickle.safetensors")
+        FileManager.default.createFile(atPath: pickle, contents: Data([0x80, 0x02, 0x7D, 0x71] + [UInt8](repeating: 0, count: 60)))
+        assertRejected(pickle, "a raw pickle")
     }
 }

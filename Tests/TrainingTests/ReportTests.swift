@@ -296,4 +296,19 @@ final class ReportTests: XCTestCase {
             "wrote no files",
         ])
     }
+
+    // Issue 13: the bar is drawn on a real terminal only — not under mpirun (its ranks get a pty whatever mpirun's own
+    // stdout is), not in a batch job, not with TERM=dumb or NO_COLOR; LORA_DIST_PROGRESS decides when set.
+    func testProgressBarOnlyOnARealTerminal() {
+        XCTAssertTrue(TrainingProgress.drawsBar(["TERM": "xterm"], stdoutIsTTY: true))
+        XCTAssertFalse(TrainingProgress.drawsBar(["TERM": "xterm"], stdoutIsTTY: false))
+        XCTAssertFalse(TrainingProgress.drawsBar(["TERM": "dumb"], stdoutIsTTY: true))
+        XCTAssertFalse(TrainingProgress.drawsBar(["TERM": "xterm", "NO_COLOR": "1"], stdoutIsTTY: true))
+        XCTAssertFalse(TrainingProgress.drawsBar(["TERM": "xterm", "OMPI_COMM_WORLD_SIZE": "2"], stdoutIsTTY: true))
+        XCTAssertFalse(TrainingProgress.drawsBar(["TERM": "xterm", "SLURM_JOB_ID": "7"], stdoutIsTTY: true))
+        XCTAssertTrue(TrainingProgress.drawsBar(["TERM": "xterm", "SLURM_JOB_ID": "7", "SLURM_PTY_PORT": "4000"], stdoutIsTTY: true))
+        XCTAssertFalse(TrainingProgress.drawsBar(["TERM": "xterm", "PBS_ENVIRONMENT": "PBS_BATCH"], stdoutIsTTY: true))
+        XCTAssertTrue(TrainingProgress.drawsBar(["OMPI_COMM_WORLD_SIZE": "2", "LORA_DIST_PROGRESS": "bar"], stdoutIsTTY: false))
+        XCTAssertFalse(TrainingProgress.drawsBar(["TERM": "xterm", "LORA_DIST_PROGRESS": "lines"], stdoutIsTTY: true))
+    }
 }

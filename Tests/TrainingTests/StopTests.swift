@@ -209,6 +209,11 @@ extension TrainCommandTests {
         XCTAssertTrue(one.output.contains("resuming a 2-rank state on 1 rank") && one.output.contains("Global batch 2 = 1 × 1 × 2 ranks → 1 = 1 × 1 × 1")
                       && one.output.contains("gradient_accumulation_steps = 2 would keep 2"), one.output)
         XCTAssertTrue(one.output.contains("at step 2/4"), one.output)
+        // The summary counts this process's steps only; each process starts its part of the metrics file with a marker.
+        XCTAssertTrue(one.output.contains("trained 2 steps"), one.output)
+        let metrics = try String(contentsOf: dir.appendingPathComponent("t-metrics.jsonl"), encoding: .utf8)
+        XCTAssertEqual(metrics.split(separator: "\n").filter { $0.contains("\"run_start\"") }.count, 2, metrics)
+        XCTAssertTrue(metrics.contains("\"start_after_step\":2"), metrics)
         let bad = try run(["export", work.appendingPathComponent("nothing").path])
         XCTAssertNotEqual(bad.status, 0)
         XCTAssertTrue(bad.output.contains("no such state file or folder"), bad.output)

@@ -14,6 +14,8 @@ final class TrainingLoop {
 
     /// What the run has done so far in this process (the end summary).
     private var communicationSeconds = 0.0, trainedSamples = 0
+    /// Optimizer steps done before this process started (a resume), and the state it resumed from.
+    private var startSteps = 0, resumedFrom: String?
     /// kohya's avr_loss window, carried in the state.
     private var average: MovingLossAverage
 
@@ -48,6 +50,9 @@ final class TrainingLoop {
 
         let metrics = rank == 0 ? try MetricsWriter(jsonl: metricsURL, tensorboardDirectory: tensorBoardDirectory) : nil
         defer { metrics?.close() }
+        try metrics?.writeRunStart(ranks: communicator.size, startStep: position.optimizerSteps,
+                                   resumedFrom: position.optimizerSteps > 0 ? resumedFrom : nil)
+        startSteps = position.optimizerSteps
         let progress = rank == 0 ? TrainingProgress(total: plan.totalSteps, startStep: position.optimizerSteps,
                                                     logEvery: config.lora.logEvery) : nil
         var gradients = [Float](repeating: 0, count: network.parameterCount)
@@ -103,6 +108,7 @@ final class TrainingLoop {
         let restored = try checkpointer.restore(from: from)
         for note in restored.notes { say("resume: \(note)") }
         let position = restored.position
+        resumedFrom = restored.url.path
         say("resumed from \(restored.url.path) at step \(position.optimizerSteps)/\(stages.plan.totalSteps) (epoch \(position.epoch + 1))")
         return position
     }
@@ -134,7 +140,8 @@ final class TrainingLoop {
             progress?.note("step \(position.optimizerSteps): non-finite loss or gradient — step skipped (\(position.nonFiniteRun) in a row)")
             if position.nonFiniteRun >= config.lora.maxNonFiniteSteps {
                 throw TrainingError("\(position.nonFiniteRun) steps in a row had a non-finite loss or gradient; stopped. "
-                    + "Saved files are intact (last state: \(stages.checkpointer.newestStatePath)). Lower the learning rate or check the data.")
+                    + "Saved files are intact (last state: \(stages.checkpointer.newestStatePath)). Lower the learning rate, check the data, or check the model: "
+                    + "a checkpoint with NaN/Inf weights (a broken fp16 conversion, a bad merge: \(config.pretrainedModelNameOrPath)) makes every step non-finite from the first one")
             }
         }
         let seconds = Date().timeIntervalSince(window.start)
@@ -192,7 +199,7 @@ final class TrainingLoop {
         try communicator.barrier()
         stages.outputLock?.release()
         let summary = TrainingSummary(filesWritten: checkpointer.filesWritten, seconds: Date().timeIntervalSince(wallStart),
-                                      images: trainedSamples, steps: position.optimizerSteps, ranks: communicator.size,
+                                      images: trainedSamples, steps: position.optimizerSteps - startSteps, ranks: communicator.size,
                                       communicationSeconds: communicationSeconds, skippedSteps: position.skippedSteps)
         for line in summary.lines() { say(line) }
         if case .stopped(let signal) = outcome {

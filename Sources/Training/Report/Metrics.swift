@@ -194,6 +194,20 @@ public final class MetricsWriter {
         }
     }
 
+    /// The line that starts each process's part of the JSONL (fresh runs and resumes append to one file): when, on how
+    /// many ranks, and the step it starts after. It has no "step" key, so readers of step lines skip it.
+    public func writeRunStart(ranks: Int, startStep: Int, resumedFrom: String?) throws {
+        guard let jsonl, let jsonlURL else { return }
+        var o: [String: Any] = ["run_start": ISO8601DateFormatter().string(from: Date(timeIntervalSince1970: clock())),
+                                "ranks": ranks, "start_after_step": startStep, "pid": Int(getpid())]
+        if let resumedFrom { o["resumed_from"] = resumedFrom }
+        var line = try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])
+        line.append(UInt8(ascii: "\n"))
+        do { try jsonl.write(contentsOf: line) } catch {
+            throw MetricsError("cannot write the metrics file \(jsonlURL.path): \(error.localizedDescription) (disk full?)")
+        }
+    }
+
     /// One step: one JSONL line and one event per scalar, all stamped with one `clock()` reading.
     public func write(_ m: StepMetrics) throws {
         let wallTime = clock()

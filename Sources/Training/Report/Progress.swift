@@ -47,12 +47,29 @@ public final class TrainingProgress {
     ) {
         self.total = max(total, 0)
         self.startStep = startStep
-        self.isTerminal = isTerminal ?? (isatty(STDOUT_FILENO) != 0)
+        self.isTerminal = isTerminal ?? Self.drawsBar()
         self.logEvery = max(logEvery, 1)
         self.columns = columns ?? (self.isTerminal ? Self.terminalColumns() : nil)
         self.clock = clock
         self.output = output
         startTime = clock()
+    }
+
+    /// Whether stdout gets the redrawn bar: a terminal, and not one that only looks like it. mpirun gives ranks a pty
+    /// whatever its own stdout is (a log file gets the escape codes), and a Slurm/PBS batch job's output is a file.
+    /// `LORA_DIST_PROGRESS=bar|lines` decides; otherwise TERM=dumb, NO_COLOR, an MPI launcher or a batch job mean lines.
+    public static func drawsBar(_ env: [String: String] = ProcessInfo.processInfo.environment,
+                                stdoutIsTTY: Bool = isatty(STDOUT_FILENO) != 0) -> Bool {
+        switch env["LORA_DIST_PROGRESS"] {
+        case "bar": return true
+        case "lines": return false
+        default: break
+        }
+        guard stdoutIsTTY, env["TERM"] != "dumb", env["NO_COLOR"] == nil else { return false }
+        if env["OMPI_COMM_WORLD_SIZE"] != nil || env["PMI_SIZE"] != nil || env["PMIX_RANK"] != nil { return false }
+        if env["SLURM_JOB_ID"] != nil && env["SLURM_PTY_PORT"] == nil { return false }   // sbatch, not `srun --pty`
+        if env["PBS_ENVIRONMENT"] == "PBS_BATCH" { return false }
+        return true
     }
 
     /// After optimizer step `step` (1-based). `loss` is shown as avr_loss: pass `StepMetrics.lossAverage`.
