@@ -91,14 +91,10 @@ public final class CheckpointWriter {
 
     /// Writes named blobs as one state file (format in `StateBlobs`).
     @discardableResult
-    public func write(step: Int, blobs: [(name: String, bytes: [UInt8])]) throws -> URL? {
+    public func write(step: Int, blobs: StateBlobList) throws -> URL? {
         guard isWriter else { return nil }
-        let data = try StateBlobs.encode(blobs)
-        return try write(step: step) { url in
-            guard FileManager.default.createFile(atPath: url.path, contents: data) else {
-                throw CheckpointError("cannot write \(url.path): \(String(cString: strerror(errno)))")
-            }
-        }
+        try StateBlobs.validate(blobs)
+        return try write(step: step) { url in try StateBlobs.write(blobs, to: url) }
     }
 
     /// Deletes complete states older than the newest `keep`, then makes the deletions durable.
@@ -134,28 +130,76 @@ public final class CheckpointWriter {
     }
 }
 
+/// A state's named blobs: byte arrays, or any contiguous values whose in-memory bytes are the stored bytes (an
+/// `[Float]` on a little-endian host: written without a copy — a rank-64 SDXL state is 2 GB).
+public typealias StateBlobList = [(name: String, bytes: any ContiguousBytes)]
+
+/// Floats as a blob: their in-memory bytes (little-endian hosts only: the container is little-endian).
+public struct FloatBlob: ContiguousBytes {
+    public let values: [Float]
+    public init(_ values: [Float]) { self.values = values }
+    public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try values.withUnsafeBytes(body)
+    }
+}
+
 /// A simple named-blob container for states (little-endian):
 ///   "LDSTATE1" | u32 count | count × (u32 nameLength | name UTF-8 | u64 byteCount | bytes) | u64 FNV-1a of all before
 /// The trailing hash makes a truncated or corrupted file an error at resume, not garbage weights.
 public enum StateBlobs {
     static let magic = Array("LDSTATE1".utf8)
 
-    public static func encode(_ blobs: [(name: String, bytes: [UInt8])]) throws -> Data {
-        var out = magic
+    static func validate(_ blobs: StateBlobList) throws {
         var seen = Set<String>()
-        appendLE(&out, UInt64(UInt32(blobs.count)), bytes: 4)
-        for (name, bytes) in blobs {
-            guard !name.isEmpty, seen.insert(name).inserted else {
-                throw CheckpointError("state blob names must be unique and non-empty (got \"\(name)\" twice or empty)")
-            }
-            let n = Array(name.utf8)
-            appendLE(&out, UInt64(n.count), bytes: 4)
-            out += n
-            appendLE(&out, UInt64(bytes.count), bytes: 8)
-            out += bytes
+        for (name, _) in blobs where name.isEmpty || !seen.insert(name).inserted {
+            throw CheckpointError("state blob names must be unique and non-empty (got \"\(name)\" twice or empty)")
         }
-        appendLE(&out, FNV1a64.hash(out), bytes: 8)
-        return Data(out)
+    }
+
+    /// The container's bytes, piece by piece in file order (no concatenated copy of the blobs), to `sink`; returns the
+    /// checksum of all of them (FNV-1a over raw bytes: ≈ 1 GB/s, where a generic Collection walk was 50× slower).
+    static func emit(_ blobs: StateBlobList, _ sink: (UnsafeRawBufferPointer) throws -> Void) rethrows -> UInt64 {
+        var hash = FNV1a64()
+        func put(_ bytes: any ContiguousBytes) throws { try bytes.withUnsafeBytes { hash.add($0); try sink($0) } }
+        func le(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
+        try put(magic + le(UInt64(UInt32(blobs.count)), 4))
+        for (name, bytes) in blobs {
+            let n = Array(name.utf8)
+            let count = bytes.withUnsafeBytes { $0.count }
+            try put(le(UInt64(n.count), 4) + n + le(UInt64(count), 8))
+            try put(bytes)
+        }
+        return hash.value
+    }
+
+    public static func encode(_ blobs: StateBlobList) throws -> Data {
+        try validate(blobs)
+        var out = Data()
+        let hash = emit(blobs) { out.append(contentsOf: $0) }
+        var tail: [UInt8] = []
+        appendLE(&tail, hash, bytes: 8)
+        out.append(contentsOf: tail)
+        return out
+    }
+
+    /// Writes the container straight to `url` (the state writer's temporary), blob by blob.
+    static func write(_ blobs: StateBlobList, to url: URL) throws {
+        let fd = open(url.path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw CheckpointError("cannot create \(url.path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        func sink(_ p: UnsafeRawBufferPointer) throws {
+            var done = 0
+            while done < p.count {
+                let n = Glibc.write(fd, p.baseAddress! + done, min(p.count - done, 1 << 26))
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw CheckpointError("cannot write \(url.path): \(String(cString: strerror(errno)))") }
+                done += n
+            }
+        }
+        let hash = try emit(blobs, sink)
+        var tail: [UInt8] = []
+        appendLE(&tail, hash, bytes: 8)
+        try tail.withUnsafeBytes { try sink($0) }
     }
 
     public static func decode(_ data: Data, source: String = "state") throws -> [String: [UInt8]] {
@@ -165,7 +209,9 @@ public enum StateBlobs {
         }
         guard b.count >= magic.count + 4 + 8, Array(b[0..<magic.count]) == magic else { throw bad("bad header") }
         let body = b.count - 8
-        guard readLE(b, body, 8) == FNV1a64.hash(b[0..<body]) else { throw bad("checksum mismatch: truncated or corrupted") }
+        var hash = FNV1a64()
+        b.withUnsafeBytes { hash.add(UnsafeRawBufferPointer(rebasing: $0[0..<body])) }
+        guard readLE(b, body, 8) == hash.value else { throw bad("checksum mismatch: truncated or corrupted") }
         var at = magic.count
         let count = Int(readLE(b, at, 4)); at += 4
         var out: [String: [UInt8]] = [:]

@@ -227,9 +227,7 @@ extension MPICommunicator {
         public func wait() throws {
             guard !done else { return }
             done = true
-            var status = MPI_Status()
             defer { storage.deallocate() }
-            _ = status
             try owner.complete(&request, "MPI_Isend", peer: peer, counted: false)
         }
 

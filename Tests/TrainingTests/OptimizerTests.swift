@@ -262,7 +262,7 @@ final class OptimizerTests: XCTestCase {
                 first.step(parameters: &b, gradients: g, learningRates: lrs)
             }
             var saved: [String: [UInt8]] = [:]
-            for blob in first.stateBlobs() { saved[blob.name] = blob.bytes }
+            for blob in first.stateBlobs() { saved[blob.name] = blob.bytes.withUnsafeBytes { Array($0) } }
             let resumed = try Optimizers.make(type: type, args: args, layout: layout)
             try resumed.restore(saved)
             for step in 4..<8 {

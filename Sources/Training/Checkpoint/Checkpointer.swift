@@ -142,8 +142,8 @@ final class Checkpointer {
                              settings: Dictionary(config.fingerprintParts.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 }),
                              samples: c.sampleIDs, stepsPerEpoch: c.stepsPerEpoch, batchSize: c.batchSize,
                              gradientAccumulation: c.gradientAccumulation)
-        var blobs: [(name: String, bytes: [UInt8])] = [("info.json", Array(try JSONEncoder().encode(info)))]
-        blobs.append(("lora", network.parameters.withUnsafeBytes { Array($0) }))
+        var blobs: StateBlobList = [("info.json", Array(try JSONEncoder().encode(info)))]
+        blobs.append(("lora", StateBlob.raw(network.parameters)))
         // The file layout and metadata, so `lora-dist export` makes a LoRA file from this state alone.
         let layout = LoRAFile.Layout(network, metadata: loraMetadata(position: position, final: false),
                                      savePrecision: config.savePrecision)

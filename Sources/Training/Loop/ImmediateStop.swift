@@ -1,5 +1,6 @@
 import Distributed
 import Foundation
+import Tensor
 
 #if canImport(Glibc)
 import Glibc
@@ -102,6 +103,7 @@ public final class ImmediateStop: @unchecked Sendable {
                 return
             }
             let started = Date()
+            Threads.hold()   // the abandoned step's compute parks: the cores go to the write
             var code = requeue ? StopSignal.requeueExitCode : position.optimizerSteps == 0 ? 128 + signal : StopSignal.cleanExitCode
             if position.optimizerSteps == 0 {
                 say("stopped by \(name) during the first step: nothing to save yet")

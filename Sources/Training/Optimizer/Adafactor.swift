@@ -1,3 +1,4 @@
+import Distributed
 import Foundation
 
 /// transformers.optimization.Adafactor (transformers 5.23, `Adafactor.step`) as kohya builds it:
@@ -187,8 +188,8 @@ public final class Adafactor: Optimizer {
         }
     }
 
-    public func stateBlobs() -> [(name: String, bytes: [UInt8])] {
-        var blobs: [(name: String, bytes: [UInt8])] = [
+    public func stateBlobs() -> StateBlobList {
+        var blobs: StateBlobList = [
             ("step", StateBlob.bytes([Int64(stepCount)])),
             ("second_moment", StateBlob.bytes(secondMoment)),
             ("rms", StateBlob.bytes(rms)),

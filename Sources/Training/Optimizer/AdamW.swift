@@ -1,3 +1,4 @@
+import Distributed
 import Foundation
 
 /// torch.optim.AdamW (kohya's default optimizer), single-tensor CPU path
@@ -98,13 +99,13 @@ public final class AdamW: Optimizer {
         }
     }
 
-    public func stateBlobs() -> [(name: String, bytes: [UInt8])] {
-        var blobs: [(name: String, bytes: [UInt8])] = [
+    public func stateBlobs() -> StateBlobList {
+        var blobs: StateBlobList = [
             ("step", StateBlob.bytes([Int64(stepCount)])),
-            ("exp_avg", StateBlob.bytes(expAvg)),
-            ("exp_avg_sq", StateBlob.bytes(expAvgSq)),
+            ("exp_avg", StateBlob.raw(expAvg)),
+            ("exp_avg_sq", StateBlob.raw(expAvgSq)),
         ]
-        if amsgrad { blobs.append(("max_exp_avg_sq", StateBlob.bytes(maxExpAvgSq))) }
+        if amsgrad { blobs.append(("max_exp_avg_sq", StateBlob.raw(maxExpAvgSq))) }
         return blobs
     }
 

@@ -1,3 +1,4 @@
+import Distributed
 import Foundation
 
 /// bitsandbytes' block-wise dynamic 8-bit quantisation (bitsandbytes 0.50.2, CPU backend).
@@ -292,7 +293,7 @@ public final class AdamW8bit: Optimizer {
         }
     }
 
-    public func stateBlobs() -> [(name: String, bytes: [UInt8])] {
+    public func stateBlobs() -> StateBlobList {
         [
             ("step", StateBlob.bytes([Int64(stepCount)])),
             ("state1_fp32", StateBlob.bytes(state1)), ("state2_fp32", StateBlob.bytes(state2)),

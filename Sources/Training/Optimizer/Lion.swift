@@ -1,3 +1,4 @@
+import Distributed
 import Foundation
 
 /// lion_pytorch.Lion 0.2.5 (`update_fn` in lion_pytorch/lion_pytorch.py), as kohya builds it:
@@ -72,7 +73,7 @@ public final class Lion: Optimizer {
         }
     }
 
-    public func stateBlobs() -> [(name: String, bytes: [UInt8])] {
+    public func stateBlobs() -> StateBlobList {
         [("step", StateBlob.bytes([Int64(stepCount)])), ("exp_avg", StateBlob.bytes(expAvg))]
     }
 

@@ -1,3 +1,4 @@
+import Distributed
 import Foundation
 
 /// An optimizer over the trainer's flat parameter buffer (layout: `ParameterLayout`).
@@ -6,7 +7,7 @@ public protocol Optimizer: AnyObject {
     /// One update of `parameters` from `gradients` (same layout), with each group's learning rate for this step.
     func step(parameters: inout [Float], gradients: [Float], learningRates: [Double])
     /// Everything needed to continue bit-identically after a restart (moments, step counts, Prodigy's d, ...).
-    func stateBlobs() -> [(name: String, bytes: [UInt8])]
+    func stateBlobs() -> StateBlobList
     /// Replaces the state with saved blobs; errors name the missing/mis-sized blob.
     func restore(_ blobs: [String: [UInt8]]) throws
     /// The learning rate actually applied per group (Prodigy: d·lr; Adafactor relative step: its computed lr) for logs.
@@ -196,6 +197,15 @@ struct OptimizerArgs {
 
 /// Little-endian byte images of state arrays, and the size checks `restore` makes.
 enum StateBlob {
+    /// Floats as stored (little-endian bit patterns) without a copy where the host is little-endian.
+    static func raw(_ values: [Float]) -> any ContiguousBytes {
+        #if _endian(little)
+        return FloatBlob(values)
+        #else
+        return bytes(values)
+        #endif
+    }
+
     static func bytes(_ values: [Float]) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: values.count * 4)
         out.withUnsafeMutableBytes { dst in

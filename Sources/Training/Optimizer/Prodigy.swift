@@ -1,3 +1,4 @@
+import Distributed
 import Foundation
 
 /// prodigyopt.Prodigy 1.1.2 (prodigyopt/prodigy.py `Prodigy.step`), Adam with a D-adapted step size,
@@ -216,8 +217,8 @@ public final class Prodigy: Optimizer {
         k += 1
     }
 
-    public func stateBlobs() -> [(name: String, bytes: [UInt8])] {
-        var blobs: [(name: String, bytes: [UInt8])] = [
+    public func stateBlobs() -> StateBlobList {
+        var blobs: StateBlobList = [
             ("scalars", StateBlob.bytes([d, dMax, dNumerator])),
             ("k_initialized", StateBlob.bytes([Int64(k), initialized ? 1 : 0])),
             ("s", StateBlob.bytes(s)),
