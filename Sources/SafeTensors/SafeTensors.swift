@@ -68,7 +68,9 @@ public struct SafeTensorsFile {
         let b = file.bytes
         func fail(_ s: String) -> SafeTensorsError { SafeTensorsError(path: path, problem: s) }
         // A PyTorch checkpoint renamed .safetensors: a zip archive (torch.save since 1.6) or a raw pickle (protocol 2+).
-        if b.count >= 4, (b[0], b[1], b[2], b[3]) == (0x50, 0x4B, 0x03, 0x04) || (b[0] == 0x80 && (2...5).contains(b[1])) {
+        // (A real safetensors file has its JSON header's "{" at byte 8; its first bytes, the header length, may be anything.)
+        if b.count >= 4, !(b.count > 8 && b[8] == UInt8(ascii: "{")),
+           (b[0], b[1], b[2], b[3]) == (0x50, 0x4B, 0x03, 0x04) || (b[0] == 0x80 && (2...5).contains(b[1])) {
             throw fail("this is a PyTorch pickle checkpoint (\(b[0] == 0x50 ? "a torch.save zip archive" : "a raw pickle")) with a .safetensors name, not a safetensors file; pickle checkpoints are refused (loading one runs arbitrary code). Convert it first (e.g. in Python: safetensors.torch.save_file(torch.load(p, weights_only=True), out))")
         }
         guard b.count >= 8 else { throw fail("truncated: \(b.count) bytes, shorter than the 8-byte header length") }

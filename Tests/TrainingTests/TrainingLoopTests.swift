@@ -74,7 +74,7 @@ final class TrainingLoopTests: XCTestCase {
         XCTAssertEqual(lora.keys.filter { $0.hasPrefix("lora_te1_") }.count, 36)
         XCTAssertTrue(lora.keys.contains { $0.hasPrefix("lora_unet_") })
         let metrics = try String(contentsOf: work.appendingPathComponent("one/t-metrics.jsonl"), encoding: .utf8)
-            .split(separator: "\n")
+            .split(separator: "\n").filter { !$0.contains("\"run_start\"") }   // the run's marker line
         XCTAssertEqual(metrics.count, 3)
         let last = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(metrics[2].utf8)) as? [String: Any])
         let rates = try XCTUnwrap(last["learning_rates"] as? [String: Double], "\(last)")

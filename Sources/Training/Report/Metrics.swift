@@ -108,7 +108,8 @@ public struct StepMetrics: Sendable, Codable, Equatable {
         return decoder
     }
 
-    /// Reads a metrics JSONL file back (blank lines skipped); an unreadable line is an error naming its number.
+    /// Reads a metrics JSONL file back (blank lines and the run-start marker lines skipped); an unreadable line is an
+    /// error naming its number.
     public static func readJSONL(_ url: URL) throws -> [StepMetrics] {
         let text: String
         do { text = try String(contentsOf: url, encoding: .utf8) } catch {
@@ -116,7 +117,8 @@ public struct StepMetrics: Sendable, Codable, Equatable {
         }
         let decoder = jsonDecoder()
         var out: [StepMetrics] = []
-        for (index, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() where !line.isEmpty {
+        for (index, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated()
+        where !line.isEmpty && !line.contains("\"run_start\"") {
             do { out.append(try decoder.decode(StepMetrics.self, from: Data(line.utf8))) } catch {
                 throw MetricsError("\(url.path) line \(index + 1) is not a step-metrics record: \(error)")
             }
