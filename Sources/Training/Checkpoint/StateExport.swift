@@ -23,8 +23,19 @@ public enum StateExport {
         }
         var candidates = [URL(fileURLWithPath: state)]
         if isDir.boolValue {
-            candidates = try CheckpointWriter.completeStates(in: URL(fileURLWithPath: state)).reversed().map(\.url)
-            guard !candidates.isEmpty else { throw TrainingError("\(state): the folder holds no complete state") }
+            var folder = URL(fileURLWithPath: state)
+            candidates = try CheckpointWriter.completeStates(in: folder).reversed().map(\.url)
+            if candidates.isEmpty {
+                // An output_dir: its one `<output_name>-state` folder.
+                let sub = ((try? FileManager.default.contentsOfDirectory(atPath: state)) ?? []).filter { $0.hasSuffix("-state") }.sorted()
+                if sub.count == 1 {
+                    folder = folder.appendingPathComponent(sub[0])
+                    candidates = try CheckpointWriter.completeStates(in: folder).reversed().map(\.url)
+                }
+                guard !candidates.isEmpty else {
+                    throw TrainingError("\(state): the folder holds no complete state" + (sub.count > 1 ? " (it has several state folders: \(sub.joined(separator: ", ")); name one)" : " (a run writes them with save_state = true, at a stop, or at the end with save_state_on_train_end)"))
+                }
+            }
         }
         var problems: [String] = []
         for url in candidates {
