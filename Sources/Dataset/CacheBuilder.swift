@@ -55,6 +55,11 @@ public enum CacheBuilder {
         var done = 0
         return try cache.ensure(jobs.map(\.key), isAssigned: { isAssigned(byKey[$0]!) }) { key in
             let (mean, logvar) = try encode(try input(byKey[key]!))
+            // A VAE that overflows (an fp16 SDXL VAE without the fp16 fix; broken weights) gives NaN/Inf: refuse it
+            // here, naming the image and the VAE, instead of caching latents that every later run rejects as corrupt.
+            guard mean.fp32().scalars.allSatisfy(\.isFinite), logvar.fp32().scalars.allSatisfy(\.isFinite) else {
+                throw DatasetError("\(key.imagePath): the VAE (\(key.vaeIdentity)) encoded it to non-finite latents (NaN/Inf); nothing was cached. The VAE's weights or precision are broken for this image: an fp16 SDXL VAE overflows without the fp16 fix (use sdxl-vae-fp16-fix as vae, or no_half_vae = true); check the VAE file")
+            }
             done += 1
             progress(done, mine)
             // Drop a batch axis of 1: the cache stores [4, h, w] (any other shape reaches `store`, which rejects it).

@@ -1,5 +1,6 @@
 import Dataset
 import Foundation
+import SafeTensors
 import Tensor
 import XCTest
 
@@ -91,6 +92,24 @@ final class CacheBuilderTests: XCTestCase {
         XCTAssertEqual(third.rebuilt.count, 1)
         XCTAssertEqual(third.rebuilt.first?.path, victim)
         XCTAssertEqual(enc.calls, 7)
+
+        // Issue 13, item 7: a VAE giving NaN is refused at encode, naming the image and the VAE; nothing is cached.
+        let nanDir = dir.appendingPathComponent("nancache")
+        XCTAssertThrowsError(try CacheBuilder.build(jobs, cache: try LatentCache(storage: .disk(nanDir)), encode: { x in
+            let (m, l) = enc(x)
+            return (Tensor(shape: m.shape, m.scalars.map { _ in Float.nan }), l)
+        })) { error in
+            XCTAssertTrue("\(error)".contains("non-finite latents") && "\(error)".contains("test-vae") && "\(error)".contains(".png"), "\(error)")
+        }
+        XCTAssertTrue(((try? FileManager.default.contentsOfDirectory(atPath: nanDir.path)) ?? []).allSatisfy { !$0.hasSuffix(".safetensors") })
+        // A well-formed entry holding NaN is rebuilt, not trained on (CacheEntry's validation).
+        let nanEntry = cache.path(for: jobs[1].key)!
+        let good = try XCTUnwrap(cache.lookup(jobs[1].key))
+        try writeSafeTensors(["mean": Tensor(shape: good.mean.shape, good.mean.scalars.map { _ in Float.nan }), "logvar": good.logvar],
+                             metadata: try SafeTensorsFile(path: nanEntry).metadata, to: nanEntry)
+        let fourth = try CacheBuilder.build(jobs, cache: try LatentCache(storage: .disk(cacheDir)), encode: enc.callAsFunction)
+        XCTAssertEqual(fourth.rebuilt.map(\.path), [nanEntry])
+        XCTAssertTrue(try XCTUnwrap(cache.lookup(jobs[1].key)).mean.scalars.allSatisfy(\.isFinite))
     }
 
     func testSharesAreDisjointAndCoverEverything() throws {
