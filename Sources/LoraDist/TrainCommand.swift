@@ -74,6 +74,9 @@ struct TrainCommand: ParsableCommand {
             throw ExitCode.failure
         }
         try comm.finalize()
-        if case .stopped = outcome { throw ExitCode(requeueOnStop ? StopSignal.requeueExitCode : StopSignal.cleanExitCode) }
+        if case .stopped = outcome {
+            if requeueOnStop && comm.rank == 0 { ImmediateStop.markRequeue() }
+            throw ExitCode(requeueOnStop ? StopSignal.requeueExitCode : StopSignal.cleanExitCode)
+        }
     }
 }

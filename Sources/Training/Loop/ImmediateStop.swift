@@ -127,7 +127,16 @@ public final class ImmediateStop: @unchecked Sendable {
     /// Exits from this thread, whatever the main thread is doing: buffered output first; no atexit handlers (MPI and
     /// the engine's threads are mid-call).
     private func end(_ code: Int32) -> Never {
+        if code == StopSignal.requeueExitCode, rank == 0 { Self.markRequeue() }
         fflush(nil)
         _exit(code)
+    }
+
+    /// `LORA_DIST_STOP_FILE` (set by cluster/slurm/train.sbatch and cluster/pbs/train.pbs): rank 0 creates it when the
+    /// run stopped to be requeued. A launcher's own exit status does not always carry the 75 — srun reports the other
+    /// ranks, which it terminates once rank 0 has exited, as killed.
+    public static func markRequeue() {
+        guard let path = ProcessInfo.processInfo.environment["LORA_DIST_STOP_FILE"], !path.isEmpty else { return }
+        FileManager.default.createFile(atPath: path, contents: Data("\(StopSignal.requeueExitCode)\n".utf8))
     }
 }
