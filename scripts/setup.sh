@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libopenmpi-dev openmpi-bin libopenblas-dev libdnnl-dev libzstd-dev libvips-dev pkg-config)
+# The cluster tests' one-host Slurm (cluster/slurm/local-cluster.sh).
+packages+=(slurm-wlm munge)
 
 missing=()
 for p in "${packages[@]}"; do

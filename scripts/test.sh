@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --deps
 swift build --build-tests
 swift test --skip-build
+# cluster/slurm/train.sbatch on a real one-host Slurm (skipped, saying so, where the machine cannot run one).
+cluster/slurm/test-local.sh

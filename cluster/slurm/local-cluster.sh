@@ -29,7 +29,7 @@ up() {
     chmod 400 "$dir/munge/munge.key"
     munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/seed" \
-        || { echo "munged failed: $(tail -3 "$dir/log/munged.log")" >&2; return 1; }
+        </dev/null >/dev/null 2>&1 || { echo "munged failed: $(tail -3 "$dir/log/munged.log")" >&2; return 1; }
     local cpus mem
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
@@ -66,8 +66,9 @@ NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     export SLURM_CONF="$dir/slurm.conf"
-    slurmctld -i || { echo "slurmctld failed: $(tail -5 "$dir/log/slurmctld.log")" >&2; down "$dir"; return 1; }
-    slurmd || { echo "slurmd failed: $(tail -5 "$dir/log/slurmd.log")" >&2; down "$dir"; return 1; }
+    # The daemons must not keep this script's stdout: a caller reading it to the end would wait for them forever.
+    slurmctld -i </dev/null >/dev/null 2>&1 || { echo "slurmctld failed: $(tail -5 "$dir/log/slurmctld.log")" >&2; down "$dir"; return 1; }
+    slurmd </dev/null >/dev/null 2>&1 || { echo "slurmd failed: $(tail -5 "$dir/log/slurmd.log")" >&2; down "$dir"; return 1; }
     for _ in $(seq 1 60); do
         sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)' && { echo "export SLURM_CONF=$dir/slurm.conf"; return 0; }
         sleep 0.5
