@@ -11,11 +11,12 @@ struct TrainCommand: ParsableCommand {
         commandName: "train",
         abstract: "Train a LoRA from a kohya-style training TOML (no file: the embedded demo).",
         discussion: """
-            Run alone (one rank) or under mpirun/srun/mpiexec (data-parallel ranks). Rank 0 writes LoRA files and
-            resumable states into output_dir. SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 on rank 0 (mpirun and srun signal every
-            rank): the step in progress is abandoned and rank 0 saves the state of the last completed step within
-            seconds; on another rank alone: every rank stops at the next step boundary, saving. Exit 0 once saved (or
-            \(StopSignal.requeueExitCode) with --requeue-on-stop, also when the signal came before training started).
+            Run alone (one rank) or under mpirun/srun/mpiexec (data-parallel ranks). Rank 0 writes LoRA files and \
+            resumable states into output_dir. SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 on rank 0 (mpirun and srun signal \
+            every rank): the step in progress is abandoned and rank 0 saves the state of the last completed step \
+            within seconds; on another rank alone: every rank stops at the next step boundary, saving. Exit 0 once \
+            saved (or \(StopSignal.requeueExitCode) with --requeue-on-stop, also when the signal came before training \
+            started).
             """)
 
     @OptionGroup var engine: EngineOptions
