@@ -83,7 +83,7 @@ final class Checkpointer {
         let url = outputDirectory.appendingPathComponent(name)
         let dtype: DType = config.savePrecision == "fp16" ? .f16 : config.savePrecision == "bf16" ? .bf16 : .f32
         try exclusive {
-            try LoRAFile.save(network, to: url.path, dtype: dtype, metadata: loraMetadata(position: position, final: final))
+            _ = try LoRAFile.save(network, to: url.path, dtype: dtype, metadata: loraMetadata(position: position, final: final))
         }
         filesWritten.append(url.path)
         progress?.note("saved \(url.path)")

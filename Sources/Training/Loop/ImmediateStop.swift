@@ -137,6 +137,6 @@ public final class ImmediateStop: @unchecked Sendable {
     /// ranks, which it terminates once rank 0 has exited, as killed.
     public static func markRequeue() {
         guard let path = ProcessInfo.processInfo.environment["LORA_DIST_STOP_FILE"], !path.isEmpty else { return }
-        FileManager.default.createFile(atPath: path, contents: Data("\(StopSignal.requeueExitCode)\n".utf8))
+        _ = FileManager.default.createFile(atPath: path, contents: Data("\(StopSignal.requeueExitCode)\n".utf8))
     }
 }
