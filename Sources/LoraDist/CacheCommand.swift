@@ -50,6 +50,8 @@ struct CacheCommand: ParsableCommand {
     @Option(help: "Training resolution when CONFIG is a folder.") var resolution = 1024
     @Option(help: "Per-rank batch size when CONFIG is a folder (a TOML's own batch_size wins).") var batchSize = 1
     @Option(help: "Caption file extension when CONFIG is a folder.") var captionExtension = ".txt"
+    @Option(help: "shared (one cache folder every rank reads; the default) or node_local (each rank caches, on its own node, the latents of the images it trains on), as [lora_dist] cache_mode; default: the training TOML's.")
+    var cacheMode: String?
     @Flag(help: "Each rank logs every latent it encodes.") var verbose = false
 
     /// CONFIG as a training config: read as is, or made from a dataset argument (seed and everything else at
@@ -84,6 +86,12 @@ struct CacheCommand: ParsableCommand {
         }
         if let model { cfg.pretrainedModelNameOrPath = model }
         if let cacheDir { cfg.lora.cacheDir = cacheDir }
+        switch cacheMode {
+        case nil: break
+        case "shared": cfg.lora.cacheMode = .shared
+        case "node_local", "node-local": cfg.lora.cacheMode = .nodeLocal
+        case let other?: throw ValidationError("--cache-mode \(other): give shared or node_local")
+        }
         return cfg
     }
 
@@ -127,6 +135,7 @@ struct CacheCommand: ParsableCommand {
                 let encoded = caching.misses + caching.rebuilt
                 print("latent cache \(inputs.latentFolder.path): \(caching.hits + encoded) latents, \(caching.hits) hits, \(caching.misses) misses, "
                       + "\(caching.rebuilt) rebuilt (reasons logged by their owner ranks); \(comm.size) ranks, "
+                      + (cfg.lora.cacheMode == .nodeLocal ? "cache_mode node_local (each rank's latents in its node's folder), " : "")
                       + String(format: "%.1f s, %.2f images/s", seconds, Double(encoded) / max(seconds, 1e-9)))
             }
         } catch {

@@ -89,5 +89,17 @@ final class CacheCommandTests: XCTestCase {
         let second = try run(args)
         XCTAssertEqual(second.status, 0, second.output)
         XCTAssertTrue(second.output.contains("4 latents, 4 hits, 0 misses, 0 rebuilt"), second.output)
+
+        // node_local (issue 14): each rank caches the latents of the images it trains on; together, every one.
+        let local = dir.appendingPathComponent("local").path
+        var localArgs = args
+        localArgs[localArgs.firstIndex(of: cache)!] = local
+        let third = try run(localArgs + ["--cache-mode", "node_local"])
+        XCTAssertEqual(third.status, 0, third.output)
+        XCTAssertTrue(third.output.contains("4 latents, 0 hits, 4 misses, 0 rebuilt") && third.output.contains("cache_mode node_local"), third.output)
+        XCTAssertEqual(Set(try FileManager.default.contentsOfDirectory(atPath: local + "/latents").filter { $0.hasSuffix(".safetensors") }).count, 4)
+        let bad = try run(args + ["--cache-mode", "everywhere"])
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.output.contains("--cache-mode everywhere: give shared or node_local"), bad.output)
     }
 }
