@@ -16,14 +16,9 @@ final class OutputLock {
     /// Set when the previous holder ended without emptying the file (killed, node lost): what it said.
     let staleHolder: String?
 
-    /// Takes the lock, or throws naming the run that holds it. Creates the folder when missing.
+    /// Takes the lock, or throws naming the run that holds it. The folder exists (RunInputs creates it first).
     init(outputDirectory: URL) throws {
         url = outputDirectory.appendingPathComponent(Self.fileName)
-        do {
-            try FileManager.default.createDirectory(at: outputDirectory, withIntermediateDirectories: true)
-        } catch {
-            throw TrainingError("output_dir \(outputDirectory.path): cannot create it (\(Self.reason(error))); set output_dir to a folder you can write")
-        }
         fd = open(url.path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
             throw TrainingError("output_dir \(outputDirectory.path): cannot write \(Self.fileName) there (\(String(cString: strerror(errno)))); set output_dir to a folder you can write")
@@ -70,13 +65,5 @@ final class OutputLock {
         var buffer = [UInt8](repeating: 0, count: 512)
         let n = pread(fd, &buffer, buffer.count, 0)
         return n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : ""
-    }
-
-    private static func reason(_ error: Error) -> String {
-        let ns = error as NSError
-        if let underlying = ns.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
-            return String(cString: strerror(Int32(underlying.code)))
-        }
-        return ns.localizedDescription
     }
 }
