@@ -4,8 +4,11 @@
 # (tiny model) trains on 2 tasks:
 #   1. srun --mpi=pmix, uninterrupted                       → the reference LoRA
 #   2. mpirun inside the allocation                         → the same LoRA
-#   3. a 1-minute limit with --signal=B:USR1@40 (steps slowed to 0.5 s): the batch shell forwards the signal, rank 0
-#      saves, the script requeues, the requeued job resumes → the same LoRA, after at least one restart
+#   3. SIGUSR1 to the batch shell mid-training (steps slowed to 0.5 s), as `--signal=B:USR1@N` sends it before a time
+#      limit: the batch shell forwards the signal, rank 0 saves, the script requeues, the requeued job resumes → the
+#      same LoRA, after at least one restart. The test sends the signal itself (`scancel --batch --signal=USR1`) once
+#      step 5 is logged: Slurm may send a `--signal` up to 60 s early ("resolution of event handling", sbatch(1)),
+#      which on a short test limit lands anywhere from model load to the end.
 # "The same LoRA": equal sshs_model_hash (SHA-256 of the tensor bytes, kohya's addnet hash).
 # Exit 0 on success, 1 on a failure, 0 with a loud SKIPPED line when the machine cannot run Slurm.
 set -uo pipefail
@@ -41,7 +44,10 @@ wait_job() {   # id → prints "STATE RESTARTS"; a requeued job is made eligible
         restarts=$(grep -o 'Restarts=[0-9]*' <<<"$q" | cut -d= -f2)
         case "$state" in
             COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY) echo "$state $restarts"; return ;;
-            PENDING) grep -q 'Reason=BeginTime' <<<"$q" && scontrol update JobId="$id" StartTime=now >/dev/null 2>&1 ;;
+            # Only once the previous run's steps are gone from the node: starting the requeued job while its old
+            # step is still being torn down fails the new step's launch ("aborted before step completely launched").
+            PENDING) grep -q 'Reason=BeginTime' <<<"$q" && sinfo -h -o %t | grep -qx idle \
+                && ! pgrep -f "slurmstepd: \[$id\." >/dev/null && scontrol update JobId="$id" StartTime=now >/dev/null 2>&1 ;;
         esac
         sleep 1
     done
@@ -65,12 +71,14 @@ h=$(model_hash "$W/mpirun/demo.safetensors")
 check "mpirun in the allocation trains the same LoRA" "$([[ $state == COMPLETED && $h == "$ref" ]] && echo ok)" \
     "state $state, hash $h vs $ref; $(tail -5 "$W/mpirun.out")"
 
-s=$(LORA_DIST_TEST_STEP_DELAY=0.5 submit limited srun 40 --time=1 --signal=B:USR1@40)
+s=$(LORA_DIST_TEST_STEP_DELAY=0.5 submit limited srun 40)
+for _ in $(seq 1 300); do grep -qE '^step ([5-9]|[1-9][0-9])/' "$W/limited.out" 2>/dev/null && break; sleep 0.5; done
+scancel --batch --signal=USR1 "$s"
 read -r state restarts <<<"$(wait_job "$s")"
 h=$(model_hash "$W/limited/demo.safetensors")
 log=$(grep -vE '^step' "$W/limited.out")
-check "time limit + --signal: save, requeue, resume, same LoRA" \
-    "$([[ $state == COMPLETED && ${restarts:-0} -ge 1 && $h == "$ref" ]] && grep -q 'requeueing job' <<<"$log" && grep -q 'stopped by SIGUSR1' <<<"$log" && echo ok)" \
+check "USR1 to the batch shell mid-training: save, requeue, resume, same LoRA" \
+    "$([[ $state == COMPLETED && ${restarts:-0} -ge 1 && $h == "$ref" ]] && grep -q 'requeueing job' <<<"$log" && grep -q 'stopped by SIGUSR1' <<<"$log" && ! grep -q 'before training started' <<<"$log" && echo ok)" \
     "state $state, restarts $restarts, hash $h vs $ref; log:
 $log"
 exit $fail
