@@ -197,7 +197,24 @@ extension MPICommunicator {
         return Int32(n)
     }
 
-    /// An MPI_Isend in flight. Owns a copy of the message until `wait()` (or deinit, which waits).
+    /// Gives up on a request that did not complete (a timeout, or a pending operation dropped on an error path)
+    /// without blocking: cancel, then free the handle. MPI may still read (a send) or write (a receive) the buffer
+    /// afterwards, so the caller leaks it rather than freeing it; this happens once, on the way to ending the run.
+    static func abandon(_ request: inout MPI_Request?) {
+        guard let r = request, r != lora_mpi_request_null() else { return }
+        _ = MPI_Cancel(&request)
+        _ = MPI_Request_free(&request)
+    }
+
+    /// True when `request` completed (MPI_Test once, never blocks); false if it is still in flight or the test failed.
+    static func completed(_ request: inout MPI_Request?) -> Bool {
+        var flag: Int32 = 0, status = MPI_Status()
+        return MPI_Test(&request, &flag, &status) == lora_mpi_success() && flag != 0
+    }
+
+    /// An MPI_Isend in flight. Owns a copy of the message until `wait()` completes it. Never blocks outside `wait()`:
+    /// dropped unfinished (an error elsewhere in the exchange), it is abandoned and its buffer leaked — waiting in
+    /// deinit for a peer that is gone would hang the rank past its collective timeout.
     public final class PendingSend: PendingSendRequest {
         private var request: MPI_Request?
         private let storage: UnsafeMutableRawBufferPointer
@@ -223,18 +240,27 @@ extension MPICommunicator {
             request = req
         }
 
-        /// Blocks until MPI no longer needs the buffer.
+        /// Blocks (sleeping, with the communicator's timeout) until MPI no longer needs the buffer.
         public func wait() throws {
             guard !done else { return }
             done = true
-            defer { storage.deallocate() }
-            try owner.complete(&request, "MPI_Isend", peer: peer, counted: false)
+            do {
+                try owner.complete(&request, "MPI_Isend", peer: peer, counted: false)
+            } catch {
+                MPICommunicator.abandon(&request)
+                throw error
+            }
+            storage.deallocate()
         }
 
-        deinit { try? wait() }
+        deinit {
+            guard !done else { return }
+            if MPICommunicator.completed(&request) { storage.deallocate() } else { MPICommunicator.abandon(&request) }
+        }
     }
 
     /// An MPI_Irecv in flight into an owned buffer of `capacity` bytes; `wait()` returns the bytes received.
+    /// Dropped unfinished, it is cancelled without blocking (see PendingSend).
     public final class PendingReceive: PendingReceiveRequest {
         private var request: MPI_Request?
         private let storage: UnsafeMutableRawBufferPointer
@@ -263,15 +289,22 @@ extension MPICommunicator {
         public func wait() throws -> [UInt8] {
             guard !done else { throw MPICommunicator.Failure(description: "PendingReceive.wait called twice") }
             done = true
+            var status: MPI_Status
+            do {
+                status = try owner.complete(&request, "MPI_Irecv", peer: peer, counted: false)
+            } catch {
+                MPICommunicator.abandon(&request)
+                throw error
+            }
             defer { storage.deallocate() }
-            var status = try owner.complete(&request, "MPI_Irecv", peer: peer, counted: false)
             var count: Int32 = 0
             try MPICommunicator.check(MPI_Get_count(&status, lora_mpi_byte(), &count), "MPI_Get_count")
             return Array(UnsafeRawBufferPointer(rebasing: storage[0..<Int(count)]))
         }
 
         deinit {
-            if !done { done = true; var status = MPI_Status(); MPI_Wait(&request, &status); storage.deallocate() }
+            guard !done else { return }
+            if MPICommunicator.completed(&request) { storage.deallocate() } else { MPICommunicator.abandon(&request) }
         }
     }
 

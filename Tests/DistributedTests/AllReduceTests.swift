@@ -40,6 +40,7 @@ final class AllReduceTests: XCTestCase {
         let (_, output) = try TestProcesses.run(try TestProcesses.executable("MPIHarness"), ["wait"], ranks: 3, timeout: 90)
         XCTAssertTrue(output.contains("WAIT OK np=3"), output)
         XCTAssertTrue(output.contains("Rank(s) 2 did not answer"), output)
+        XCTAssertTrue(output.contains("RING TIMEOUT") && output.contains("RING OK"), output)
         XCTAssertLessThan(Date().timeIntervalSince(started), 60, output)
     }
     func testThreeRanks() throws { try runHarness(np: 3) }

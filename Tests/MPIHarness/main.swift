@@ -201,7 +201,9 @@ func runSyncChecks(_ comm: MPICommunicator) throws {
 
 /// Waiting (issue 13): (1) a rank waiting 3 s in a barrier for a late rank uses little CPU (no busy-spin);
 /// (2) with rank `size − 1` stopped (SIGSTOP), every other rank's collective ends after `timeout` with an error naming
-/// it. Rank 0 prints the measurements; a stopped rank never prints (mpirun kills it after the others exit).
+/// it; (3) the same inside the compressed ring's point-to-point exchange, where the pending sends and receives left
+/// behind by the error must not block (they did: a dropped receive waited in deinit, so the rank hung past its
+/// timeout). Rank 0 prints the measurements; a stopped rank never prints (mpirun kills it after the others exit).
 func runWaitChecks(_ comm: MPICommunicator) throws {
     func cpuSeconds() -> Double {
         var u = rusage()
@@ -218,6 +220,9 @@ func runWaitChecks(_ comm: MPICommunicator) throws {
     if comm.rank == 0 { print(String(format: "WAIT cpu %.3f s over %.2f s", cpu, wall)) }
     if comm.rank == 0 && (wall < 2.5 || cpu > 0.5 * wall) { fail(String(format: "waiting used %.2f s of CPU in %.2f s", cpu, wall), comm.rank) }
 
+    // Built before the stop: the constructor is itself a collective. 3 M floats: messages far above the eager limit.
+    // Four pieces per chunk: receives posted and never waited for are left behind when the first one times out.
+    let ring = try GradientAllReduce(communicator: comm, count: 3 << 20, format: .fp32, algorithm: .ring, pieceElements: 1 << 18)
     comm.timeout = 2
     comm.waitingFor = "the harness's stall check"
     if comm.rank == last { raise(SIGSTOP) }
@@ -231,6 +236,27 @@ func runWaitChecks(_ comm: MPICommunicator) throws {
             fail("wrong timeout message: \(text)", comm.rank)
         }
         if comm.rank == 0 { print("TIMEOUT \(text)") }
+    }
+    comm.waitingFor = "the harness's ring stall check"
+    var gradient = (0..<(3 << 20)).map { Float(sin(Double($0 &* (comm.rank + 1)))) }
+    let ringStart = Date()
+    do {
+        _ = try ring.sum(&gradient)
+        fail("the ring all-reduce with a stopped rank returned", comm.rank)
+    } catch {
+        let text = "\(error)"
+        guard text.contains("Rank(s) \(last) did not answer"), text.contains("ring stall check") else {
+            fail("wrong ring timeout message: \(text)", comm.rank)
+        }
+        if comm.rank == 0 { print(String(format: "RING TIMEOUT after %.1f s: %@", Date().timeIntervalSince(ringStart), text)) }
+    }
+    // Every live rank got out of the ring: ranks 1…last−1 report to rank 0.
+    comm.timeout = 30
+    if comm.rank != 0 {
+        try comm.isend([1], to: 0, tag: 77).wait()
+    } else {
+        for r in 1..<last { _ = try comm.ireceive(capacity: 1, from: r, tag: 77).wait() }
+        print("RING OK: ranks 0…\(last - 1) returned from the stalled exchange")
     }
     // A stopped rank never reaches MPI_Finalize: end the job the way lora-dist train does after such an error.
     if comm.rank == 0 {
