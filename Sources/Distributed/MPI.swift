@@ -147,7 +147,7 @@ public final class MPICommunicator: Communicator {
             + (peer.map { ", waiting for rank \($0)'s message" } ?? "") + "). "
         if silent.isEmpty {
             text += "Every rank answered while waiting"
-                + (elsewhere.isEmpty ? "" : "; rank(s) \(elsewhere.map(String.init).joined(separator: ", ")) in another collective (\(elsewhere.map { answers[$0]! }) vs \(mine): the ranks disagree on the order of collectives — a lora-dist bug, please report it)")
+                + (elsewhere.isEmpty ? "" : "; rank(s) \(elsewhere.map(String.init).joined(separator: ", ")) at collective #\(elsewhere.map { String(answers[$0]!) }.joined(separator: ", ")), this rank at #\(mine) (point-to-point waits inside the gradient ring are not counted): if they are all still waiting, the ranks disagree on the order of collectives — a lora-dist bug, please report it)")
         } else {
             text += "Rank(s) \(silent.map(String.init).joined(separator: ", ")) did not answer: stopped (SIGSTOP, a suspended job), hung, dead, or still computing a step longer than the timeout"
         }

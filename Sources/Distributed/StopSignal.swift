@@ -24,6 +24,8 @@ private let writingState = Atomic<Bool>(false)
 /// ordinary way (Slurm's KillWait, a user's second Ctrl-C) — except while the state is being written.
 /// sigaction, raise and write are async-signal-safe.
 private func stopSignalHandler(_ signal: Int32) {
+    let savedErrno = errno   // write(2) may set it; the interrupted code may be about to read its own
+    defer { errno = savedErrno }
     let previous = pendingStopSignal.exchange(signal, ordering: .sequentiallyConsistent)
     if wakePipe.write >= 0 {
         var byte = UInt8(truncatingIfNeeded: signal)
@@ -73,6 +75,9 @@ public enum StopSignal {
 
     /// Installs the handlers (idempotent). Call before the first step.
     public static func install() {
+        // Swift initializes globals lazily (swift_once, which locks): the handler must never be the first to touch them.
+        _ = pendingStopSignal.load(ordering: .sequentiallyConsistent)
+        _ = writingState.load(ordering: .sequentiallyConsistent)
         if wakePipe.read < 0 {
             var fds: [Int32] = [0, 0]
             if pipe(&fds) == 0 {

@@ -79,6 +79,31 @@ extension TrainCommandTests {
         XCTAssertEqual(try CheckpointWriter.completeStates(in: dir.appendingPathComponent("t-state")).map(\.step), [1])
     }
 
+    // A run resumed from another run's state (`--resume PATH`) has nothing of its own on disk: a stop during its first
+    // step writes the resumed step's state into this run's folder (it used to say "already saved" and write nothing).
+    func testStopRightAfterResumingFromAnotherFolderSaves() throws {
+        let images = try squareImages(2)
+        let first = try config("origin", images: images, batch: 1, steps: 4, extra: "save_every_n_steps = 2\nsave_state = true\n")
+        XCTAssertEqual(try run(["train", first, "--max-train-steps", "2"]).status, 0)
+        let origin = work.appendingPathComponent("origin/t-state")
+        let cfg = try config("moved", images: images, batch: 1, steps: 4)
+        let dir = work.appendingPathComponent("moved")
+        let r = try TestProcesses.run(try TestProcesses.executable("lora-dist"), ["train", cfg, "--resume", origin.path],
+                                      environment: ["LORA_DIST_TEST_STEP_DELAY": "6"]) { pid in
+            let deadline = Date().addingTimeInterval(120)
+            while Date() < deadline {
+                if let text = try? String(contentsOf: dir.appendingPathComponent("t-metrics.jsonl"), encoding: .utf8),
+                   text.contains("run_start") { break }
+                usleep(50_000)
+            }
+            sleep(1)   // inside step 3
+            kill(pid, SIGINT)
+        }
+        XCTAssertEqual(r.status, 0, r.output)
+        XCTAssertTrue(r.output.contains("stopped by SIGINT during step 3: saved the state of step 2"), r.output)
+        XCTAssertEqual(try CheckpointWriter.completeStates(in: dir.appendingPathComponent("t-state")).map(\.step), [2])
+    }
+
     // A signal while the latent cache is being built (before any step) ends every rank at once with the requeue status,
     // which is what the Slurm/PBS scripts requeue on (it used to be 138/143, and the job was not requeued).
     func testSignalDuringSetupExitsWithTheRequeueCode() throws {

@@ -84,8 +84,8 @@ final class Checkpointer {
         let dtype: DType = config.savePrecision == "fp16" ? .f16 : config.savePrecision == "bf16" ? .bf16 : .f32
         try exclusive {
             _ = try LoRAFile.save(network, to: url.path, dtype: dtype, metadata: loraMetadata(position: position, final: final))
+            filesWritten.append(url.path)   // under the lock: the stop thread's writeState appends too
         }
-        filesWritten.append(url.path)
         progress?.note("saved \(url.path)")
     }
 

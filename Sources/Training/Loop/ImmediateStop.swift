@@ -47,7 +47,8 @@ public final class ImmediateStop: @unchecked Sendable {
         self.requeue = requeue
         self.say = say
         StopSignal.install()
-        let thread = Thread { [unowned self] in
+        // Captures self strongly: the thread lives for the process, and so must what it calls.
+        let thread = Thread { [self] in
             while true { self.handle(StopSignal.waitForSignal()) }
         }
         thread.name = "lora-dist stop"
@@ -66,14 +67,16 @@ public final class ImmediateStop: @unchecked Sendable {
     public func setRank(_ rank: Int) { locked { self.rank = rank } }
 
     /// From here on a signal saves `position`'s state (and each later completed step's) on rank 0.
-    func beginTraining(rank: Int, position: TrainingPosition, stateFolder: String,
+    /// `startIsSaved`: `position` is a resumed step whose state is the newest file in `stateFolder` (nothing to write
+    /// for it); otherwise a stop before the next step completes writes `position`'s state (step 0 has none).
+    func beginTraining(rank: Int, position: TrainingPosition, stateFolder: String, startIsSaved: Bool,
                        writeState: @escaping (TrainingPosition) throws -> URL?) {
         locked {
             self.rank = rank
             self.completed = position
             self.stateFolder = stateFolder
             self.writeState = writeState
-            savedStep = position.optimizerSteps   // a resumed run's start is on disk; step 0 needs no state
+            savedStep = startIsSaved ? position.optimizerSteps : nil
             phase = .training
         }
     }

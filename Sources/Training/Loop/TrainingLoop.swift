@@ -44,7 +44,12 @@ final class TrainingLoop {
         for line in stages.startLines() { say(line) }
         StopSignal.install()
         checkpointer.stop = stop
-        stop?.beginTraining(rank: rank, position: position, stateFolder: checkpointer.stateDirectory.path) { [checkpointer] p in
+        // The resumed state counts as this run's save only when it is the newest one in this run's state folder
+        // (`--resume` may name another folder, or have fallen back past a corrupt newer file).
+        let newest = try? CheckpointWriter.newestState(in: checkpointer.stateDirectory)
+        let onDisk = resumedFrom != nil && newest?.url.standardizedFileURL.path == resumedFrom.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+        stop?.beginTraining(rank: rank, position: position, stateFolder: checkpointer.stateDirectory.path,
+                            startIsSaved: onDisk) { [checkpointer] p in
             try checkpointer.writeState(p, residualBlobs: [])
         }
 
