@@ -14,5 +14,6 @@ static inline void *lora_mpi_in_place(void) { return MPI_IN_PLACE; }
 static inline int lora_mpi_success(void) { return MPI_SUCCESS; }
 static inline int lora_mpi_any_source(void) { return MPI_ANY_SOURCE; }
 static inline int lora_mpi_thread_funneled(void) { return MPI_THREAD_FUNNELED; }
+static inline int lora_mpi_thread_serialized(void) { return MPI_THREAD_SERIALIZED; }
 static inline MPI_Request lora_mpi_request_null(void) { return MPI_REQUEST_NULL; }
 #endif

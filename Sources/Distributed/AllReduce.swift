@@ -53,6 +53,13 @@ public final class GradientAllReduce {
         public var rawBytes: Int
         public var seconds: Double
         public var compressionRatio: Double { bytesSent == 0 ? 1 : Double(rawBytes) / Double(bytesSent) }
+
+        public init(algorithm: Algorithm, bytesSent: Int = 0, rawBytes: Int = 0, seconds: Double = 0) {
+            self.algorithm = algorithm
+            self.bytesSent = bytesSent
+            self.rawBytes = rawBytes
+            self.seconds = seconds
+        }
     }
 
     public struct Failure: Error, CustomStringConvertible {
@@ -113,7 +120,7 @@ public final class GradientAllReduce {
         guard total > 0 else {
             throw Failure(description: "gradient all-reduce: no rank had samples this step (total 0); skip the step instead")
         }
-        let stats = try reduce(&buffer, weight: samples)
+        let stats = try reduce(&buffer, weight: samples, segments: nil)
         let divisor = Float(total)
         for i in 0..<count { buffer[i] = buffer[i] / divisor }
         return stats
@@ -122,15 +129,33 @@ public final class GradientAllReduce {
     /// In place: buffer ← Σ_r buffer_r (identical bits on every rank): the training loop's gradient sums, divided by
     /// the total sample count once by the caller. Collective.
     public func sum(_ buffer: inout [Float]) throws -> Stats {
-        try reduce(&buffer, weight: 1)
+        try reduce(&buffer, weight: 1, segments: nil)
+    }
+
+    /// One bucket of the overlapped reduction (GradientBuckets): `values` ← Σ_r values_r, where `values` is the
+    /// concatenation of the full gradient's `segments` (ranges of 0..<count, in the bucket's order). bf16 error feedback
+    /// uses and updates those segments' residuals, so a run's residual does not depend on how it was bucketed. The
+    /// ring's chunks are this bucket's, so with 3+ ranks an element's sum may associate differently than in one
+    /// whole-buffer reduction (2 ranks: a + b = b + a, the same bits); fixed for a run, identical on every rank.
+    /// Collective: every rank passes the same segments.
+    public func sum(_ values: inout [Float], segments: [Range<Int>]) throws -> Stats {
+        try reduce(&values, weight: 1, segments: segments)
     }
 
     /// buffer ← Σ_r weight_r · x_r, the sum in the algorithm's fixed order (x_r: the rank's values, or their bf16
     /// rounding with error feedback).
-    private func reduce(_ buffer: inout [Float], weight samples: Int) throws -> Stats {
+    private func reduce(_ buffer: inout [Float], weight samples: Int, segments: [Range<Int>]?) throws -> Stats {
         let start = DispatchTime.now().uptimeNanoseconds
-        guard buffer.count == count else {
-            throw Failure(description: "gradient all-reduce: buffer has \(buffer.count) floats, this reducer was built for \(count)")
+        let length = buffer.count
+        if let segments {
+            guard segments.allSatisfy({ $0.lowerBound >= 0 && $0.upperBound <= count }),
+                  segments.reduce(0, { $0 + $1.count }) == length else {
+                throw Failure(description: "gradient all-reduce: a bucket of \(length) floats does not match its segments \(segments) of 0..<\(count)")
+            }
+        } else {
+            guard length == count else {
+                throw Failure(description: "gradient all-reduce: buffer has \(length) floats, this reducer was built for \(count)")
+            }
         }
         let weight = Float(samples)
         let n = communicator.size
@@ -140,14 +165,28 @@ public final class GradientAllReduce {
         // Local contribution. bf16: q = bf16(g + e), e ← (g + e) − q (exact in fp32), contribution s·q.
         var bf16Bits: [UInt16] = []
         if format == .bf16 {
-            bf16Bits = [UInt16](repeating: 0, count: count)
+            bf16Bits = [UInt16](repeating: 0, count: length)
             // The residual is moved into a local for the loop: element access through a class property
-            // costs a dynamic exclusivity check per element, on a 42.6 M-float loop.
-            var e = residual
-            residual = []
-            defer { residual = e }
+            // costs a dynamic exclusivity check per element, on a 42.6 M-float loop. A bucket gathers its segments'.
+            var e: [Float]
+            if let segments, errorFeedback {
+                e = []
+                e.reserveCapacity(length)
+                for r in segments { e.append(contentsOf: residual[r]) }
+            } else {
+                e = residual
+                residual = []
+            }
+            defer {
+                if let segments, errorFeedback {
+                    var k = 0
+                    for r in segments { for i in r { residual[i] = e[k]; k += 1 } }
+                } else {
+                    residual = e
+                }
+            }
             let feedback = errorFeedback
-            for i in 0..<count {
+            for i in 0..<length {
                 let t = feedback ? buffer[i] + e[i] : buffer[i]
                 let q = ByteGrouping.bfloat16(t)
                 bf16Bits[i] = q
@@ -156,12 +195,12 @@ public final class GradientAllReduce {
                 buffer[i] = weight * qf
             }
         } else if samples != 1 {
-            for i in 0..<count { buffer[i] = weight * buffer[i] }
+            for i in 0..<length { buffer[i] = weight * buffer[i] }
         }
 
         if format == .none {
             try communicator.allReduceSum(&buffer)
-            let moved = n > 1 ? 2 * (n - 1) * 4 * count / n : 0
+            let moved = n > 1 ? 2 * (n - 1) * 4 * length / n : 0
             stats.bytesSent = moved
             stats.rawBytes = moved
         } else if n > 1 {
@@ -206,7 +245,7 @@ public final class GradientAllReduce {
         return (values, Int(s))
     }
 
-    private func chunkRange(_ c: Int, parts: Int) -> Range<Int> { (c * count / parts)..<((c + 1) * count / parts) }
+    private func chunkRange(_ c: Int, parts: Int, of total: Int) -> Range<Int> { (c * total / parts)..<((c + 1) * total / parts) }
 
     private func pieces(of r: Range<Int>) -> [Range<Int>] {
         stride(from: r.lowerBound, to: r.upperBound, by: pieceElements).map { $0..<min($0 + pieceElements, r.upperBound) }
@@ -237,8 +276,8 @@ public final class GradientAllReduce {
         }
 
         for s in 0..<(n - 1) {
-            let out = pieces(of: chunkRange(md(r - s), parts: n))
-            let inc = pieces(of: chunkRange(md(r - s - 1), parts: n))
+            let out = pieces(of: chunkRange(md(r - s), parts: n, of: buffer.count))
+            let inc = pieces(of: chunkRange(md(r - s - 1), parts: n, of: buffer.count))
             try exchange(tag: 1, send: out, encode: { _, p in
                 try frame(payload: ByteGrouping.groupFloat32(buffer[p]), bf16: false, samples: 0)
             }, receive: inc, consume: { _, p, bytes in
@@ -249,8 +288,8 @@ public final class GradientAllReduce {
         }
         var forward: [[UInt8]] = []
         for s in 0..<(n - 1) {
-            let out = pieces(of: chunkRange(md(r + 1 - s), parts: n))
-            let inc = pieces(of: chunkRange(md(r - s), parts: n))
+            let out = pieces(of: chunkRange(md(r + 1 - s), parts: n, of: buffer.count))
+            let inc = pieces(of: chunkRange(md(r - s), parts: n, of: buffer.count))
             var received: [[UInt8]] = []
             try exchange(tag: 2, send: out, encode: { j, p in
                 s == 0 ? try frame(payload: ByteGrouping.groupFloat32(buffer[p]), bf16: false, samples: 0) : forward[j]
@@ -268,8 +307,8 @@ public final class GradientAllReduce {
     private func gatherAll(_ buffer: inout [Float], bf16Bits: [UInt16], samples: Int, stats: inout Stats) throws {
         let n = communicator.size
         let block = 1 << 26
-        for b in stride(from: 0, to: count, by: block) {
-            let p = b..<min(b + block, count)
+        for b in stride(from: 0, to: buffer.count, by: block) {
+            let p = b..<min(b + block, buffer.count)
             let mine = format == .bf16
                 ? try frame(payload: ByteGrouping.groupBFloat16(Array(bf16Bits[p])), bf16: true, samples: samples)
                 : try frame(payload: ByteGrouping.groupFloat32(buffer[p]), bf16: false, samples: samples)

@@ -10,6 +10,8 @@ public protocol Communicator: AnyObject, FlagReducer {
     var timeout: Double? { get set }
     /// What the rank is waiting in, for that error ("step 12").
     var waitingFor: String { get set }
+    /// Whether another thread may make this rank's calls (one thread at a time): the overlapped all-reduce needs it.
+    var callsFromAnyThread: Bool { get }
     func barrier() throws
     /// Rank `root`'s bytes to every rank (same count everywhere).
     func broadcast(_ buffer: inout [UInt8], root: Int) throws
@@ -129,6 +131,7 @@ public final class LocalCommunicator: Communicator {
     public var timeout: Double?
     public var waitingFor = "a collective"
     public var size: Int { group.size }
+    public var callsFromAnyThread: Bool { true }
     let group: LocalGroup
 
     init(group: LocalGroup, rank: Int) {

@@ -29,14 +29,22 @@ public final class MPICommunicator: Communicator {
         }
     }
 
+    /// Whether MPI accepts calls from a thread other than the one that initialised it (one thread at a time).
+    public let callsFromAnyThread: Bool
+
     /// Initialises MPI (once per process) and joins MPI_COMM_WORLD. Works without a launcher (world 1).
     public init() throws {
         var initialized: Int32 = 0
         MPI_Initialized(&initialized)
+        // SERIALIZED: the overlapped gradient all-reduce calls MPI from its communication thread while the main thread
+        // computes backward (never both at once).
+        var provided: Int32 = 0
         if initialized == 0 {
-            var provided: Int32 = 0
-            try Self.check(MPI_Init_thread(nil, nil, lora_mpi_thread_funneled(), &provided), "MPI_Init_thread")
+            try Self.check(MPI_Init_thread(nil, nil, lora_mpi_thread_serialized(), &provided), "MPI_Init_thread")
+        } else {
+            MPI_Query_thread(&provided)
         }
+        callsFromAnyThread = provided >= lora_mpi_thread_serialized()
         comm = lora_mpi_comm_world()
         var r: Int32 = 0, s: Int32 = 0
         try Self.check(MPI_Comm_rank(comm, &r), "MPI_Comm_rank")

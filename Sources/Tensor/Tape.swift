@@ -72,14 +72,28 @@ public final class Tape {
     public let recording: Bool
     /// Adapters the layers run through on this tape (nil: plain model). Checkpointed blocks run theirs too.
     public var adapters: LayerAdapters?
+    /// The tape a checkpointed block's quiet first forward runs under (its positions are that tape's).
+    private let parent: Tape?
 
     public init(recording: Bool = true, adapters: LayerAdapters? = nil) {
         self.recording = recording
         self.adapters = adapters
+        parent = nil
+    }
+
+    private init(quietUnder parent: Tape) {
+        recording = false
+        adapters = parent.adapters
+        self.parent = parent
     }
 
     /// Number of recorded operations (for tests and diagnostics).
     public var recordedCount: Int { nodes.count }
+
+    /// Where the forward pass is on the outermost recording tape: the index the next recorded operation gets. Inside a
+    /// checkpointed block's first forward it is the block's own index. `backward`'s `progress` counts down through
+    /// these: once it reports `remaining ≤ p`, every Var used at position ≥ p has its final gradient (GradientBuckets).
+    public var position: Int { parent?.position ?? nodes.count }
 
     /// Wraps the result of an op. Records `backward` only if some input requires a gradient.
     public func record(_ value: Tensor, inputs: [Var], backward: @escaping (Tensor, [Bool]) -> [Tensor?]) -> Var {
@@ -92,12 +106,16 @@ public final class Tape {
     /// Runs the tape backwards from `output`, seeded with `seed` (default: ones, for a scalar loss).
     /// The tape is consumed: saved activations are released as their nodes are processed. Returns the
     /// gradients of every Var that requires one and was not produced on this tape (the leaves).
-    public func backward(from output: Var, seed: Tensor? = nil) -> GradStore {
+    ///
+    /// `progress(remaining, grads)` runs after each operation: `remaining` operations are left, and `grads` holds every
+    /// gradient found so far (a leaf used only at positions ≥ `remaining` has its final one: see `position`).
+    public func backward(from output: Var, seed: Tensor? = nil, progress: (Int, GradStore) -> Void = { _, _ in }) -> GradStore {
         var grads = GradStore()
         guard output.requiresGrad else { return grads }
         let seed = seed ?? Tensor(shape: output.shape, [Float](repeating: 1, count: output.value.count))
         grads.accumulate(output, seed)
         while let node = nodes.popLast() {
+            defer { progress(nodes.count, grads) }
             guard let dOut = grads.take(node.output) else { continue }
             if let block = blocks.removeValue(forKey: ObjectIdentifier(node.output)) {
                 for (v, g) in block(dOut).all { grads.accumulate(v, g) }
@@ -119,7 +137,7 @@ public final class Tape {
     public func checkpoint(_ inputs: [Var], _ body: @escaping (Tape, [Var]) -> Var) -> Var {
         guard recording else { return body(self, inputs) }
         let adapters = self.adapters
-        let quiet = Tape(recording: false, adapters: adapters)
+        let quiet = Tape(quietUnder: self)
         let first = body(quiet, inputs)
         guard first.requiresGrad else { return first }
         let out = Var(first.value, requiresGrad: true)

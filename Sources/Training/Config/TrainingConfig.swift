@@ -179,6 +179,10 @@ public struct LoraDistOptions: Sendable {
     /// Seconds a rank waits in a collective for the others, beyond twice the slowest step seen, before it stops naming
     /// the ranks that did not arrive (0 = wait forever). Setup (model load, latent caching) waits 6× as long.
     public var collectiveTimeout = 300.0
+    /// Reduce the gradient in buckets during backward, on a communication thread (GradientBuckets), instead of after it.
+    public var overlapReduction = true
+    /// About how many MB of fp32 gradient per bucket of the overlapped reduction (PyTorch DDP's bucket_cap_mb: 25).
+    public var bucketMB = 25.0
     /// Every warning of the config loader is an error (`--strict`).
     public var strict = false
 

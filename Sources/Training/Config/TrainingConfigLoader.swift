@@ -523,6 +523,13 @@ extension TrainingConfig {
         case "strict":
             guard let b = v.bool else { throw bad("true or false") }
             lora.strict = b
+        case "overlap_reduction":
+            guard let b = v.bool else { throw bad("true or false") }
+            lora.overlapReduction = b
+        case "bucket_mb":
+            guard let d = v.double ?? v.int.map(Double.init) else { throw bad("a number of megabytes, e.g. 25") }
+            guard d > 0 else { throw bad("a number of megabytes > 0, e.g. 25") }
+            lora.bucketMB = d
         default: preconditionFailure("loraDistKinds has \(key) but applyLoraDist does not")
         }
     }

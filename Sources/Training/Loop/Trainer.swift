@@ -70,6 +70,8 @@ final class TrainingStages {
     let lossOptions: LossOptions
     let batches: BatchAssembler
     let update: GradientUpdate
+    /// The overlapped all-reduce's buckets ([lora_dist] overlap_reduction; nil on one rank, where nothing is reduced).
+    let buckets: GradientBuckets?
     let checkpointer: Checkpointer
     let outputDirectory: URL
     /// Rank 0's hold on output_dir for the run (released at the end; the kernel drops it if the process dies).
@@ -164,6 +166,11 @@ final class TrainingStages {
         let reducer = try GradientAllReduce(communicator: communicator, count: network.parameterCount, format: config.lora.wireFormat)
         update = GradientUpdate(communicator: communicator, reducer: reducer, optimizer: optimizer, schedule: schedule,
                                 baseLearningRates: rates, maxGradNorm: config.maxGradNorm)
+        if config.lora.overlapReduction && communicator.size > 1 && !communicator.callsFromAnyThread {
+            say("overlap_reduction: this MPI library does not allow calls from a second thread (MPI_THREAD_SERIALIZED); the gradient is reduced after backward")
+        }
+        buckets = config.lora.overlapReduction && communicator.size > 1 && communicator.callsFromAnyThread
+            ? GradientBuckets(network: network, reducer: reducer, bucketFloats: Int(config.lora.bucketMB * 1e6 / 4)) : nil
         checkpointer = Checkpointer(config: config, communicator: communicator, plan: plan, network: network,
                                     optimizer: optimizer, reducer: reducer, outputDirectory: outputDirectory)
 
@@ -188,7 +195,10 @@ final class TrainingStages {
 
     /// Stages 2 and 3 for this rank's share of micro-step `stepIndex`: (Σ per-sample losses, samples), the gradient
     /// sums added into `gradients`.
-    func microStep(_ epochPlan: EpochPlan, stepIndex: Int, gradients: inout [Float]) throws -> (lossSum: Double, samples: Int) {
+    /// `stream`: the overlapped all-reduce, on the window's last micro-step (it is completed here in every case).
+    func microStep(_ epochPlan: EpochPlan, stepIndex: Int, gradients: inout [Float],
+                   stream: GradientBuckets.Stream? = nil) throws -> (lossSum: Double, samples: Int) {
+        defer { stream?.complete(grads: nil, gradients: &gradients) }
         guard let batch = try batches.batch(epochPlan, stepIndex: stepIndex, rank: rank) else { return (0, 0) }
         if let seconds = Self.testStepDelay { Thread.sleep(forTimeInterval: seconds) }
         network.training = true
@@ -196,7 +206,7 @@ final class TrainingStages {
                                              UInt64(stepIndex), UInt64(rank)])
         return TrainingStep.run(batch, unet: unet, network: network, text: text, sizeEmbedDim: checkpoint.sizeEmbedDim ?? 256,
                                 schedule: noiseSchedule, loss: lossOptions, checkpointing: config.gradientCheckpointing,
-                                gradients: &gradients)
+                                gradients: &gradients, stream: stream)
     }
 
     /// The start-up lines rank 0 prints.

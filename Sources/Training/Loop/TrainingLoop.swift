@@ -13,7 +13,7 @@ final class TrainingLoop {
     var rank: Int { communicator.rank }
 
     /// What the run has done so far in this process (the end summary).
-    private var communicationSeconds = 0.0, trainedSamples = 0
+    private var communicationSeconds = 0.0, exposedCommunicationSeconds = 0.0, trainedSamples = 0
     /// Optimizer steps done before this process started (a resume), and the state it resumed from.
     private var startSteps = 0, resumedFrom: String?
     /// kohya's avr_loss window, carried in the state.
@@ -69,14 +69,18 @@ final class TrainingLoop {
             while position.nextStep < epochPlan.steps.count && position.optimizerSteps < plan.totalSteps {
                 let index = position.nextStep
                 communicator.waitingFor = "step \(position.optimizerSteps + 1)"
-                let (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients)
+                // The window's last micro-step reduces its gradient during backward (overlap_reduction).
+                let last = epochPlan.steps[index].applyOptimizer
+                let stream = last ? stages.buckets.map { GradientBuckets.Stream($0) } : nil
+                let (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients, stream: stream)
                 window.nonFinite = window.nonFinite || !lossSum.isFinite
                 window.loss += lossSum
                 window.samples += samples
                 position.nextStep += 1
-                guard epochPlan.steps[index].applyOptimizer else { continue }
+                guard last else { continue }
 
-                try optimizerStep(&gradients, window: window, position: &position, metrics: metrics, progress: progress)
+                try optimizerStep(&gradients, window: window, position: &position, metrics: metrics, progress: progress,
+                                  stream: stream)
                 window = Window()
                 if try events(position, progress: progress) {
                     outcome = .stopped(signal: StopSignal.pendingSignal)
@@ -120,12 +124,13 @@ final class TrainingLoop {
 
     /// Stage 4 on the window's gradient sums, then its bookkeeping: the non-finite rule, metrics, progress.
     private func optimizerStep(_ gradients: inout [Float], window: Window, position: inout TrainingPosition,
-                               metrics: MetricsWriter?, progress: TrainingProgress?) throws {
+                               metrics: MetricsWriter?, progress: TrainingProgress?, stream: GradientBuckets.Stream?) throws {
         let update = stages.update
         var lossAverage = average.value
+        let overlapped = try stream?.finish(gradients: &gradients)
         let step = try update.apply(gradients: &gradients, lossSum: window.loss, samples: window.samples,
                                     nonFinite: window.nonFinite, parameters: &stages.network.parameters,
-                                    step: position.optimizerSteps, lock: stop?.lock) { step in
+                                    step: position.optimizerSteps, reduced: overlapped?.stats, lock: stop?.lock) { step in
             // The position that goes with the parameters just updated, published with them (ImmediateStop).
             position.optimizerSteps += 1
             if step.applied {
@@ -140,6 +145,8 @@ final class TrainingLoop {
         }
         for i in gradients.indices { gradients[i] = 0 }
         communicationSeconds += step.reduce?.seconds ?? 0
+        let exposed = overlapped?.exposedSeconds ?? step.reduce?.seconds ?? 0
+        exposedCommunicationSeconds += exposed
         trainedSamples += step.samples
         if !step.applied && step.samples > 0 {
             progress?.note("step \(position.optimizerSteps): non-finite loss or gradient — step skipped (\(position.nonFiniteRun) in a row)")
@@ -158,6 +165,7 @@ final class TrainingLoop {
             step: position.optimizerSteps, epoch: position.epoch + 1, loss: step.meanLoss, lossAverage: lossAverage,
             learningRates: Dictionary(uniqueKeysWithValues: zip(stages.layout.groupNames, effective)),
             gradientNorm: step.gradientNorm, stepSeconds: seconds, communicationSeconds: step.reduce?.seconds ?? 0,
+            exposedCommunicationSeconds: exposed,
             compressionRatio: step.reduce.map(\.compressionRatio), imagesPerSecond: Double(step.samples) / max(seconds, 1e-9),
             skipped: !step.applied))
         progress?.update(step: position.optimizerSteps, loss: lossAverage, extra: String(format: "lr=%.3g", effective[0]))
@@ -205,7 +213,9 @@ final class TrainingLoop {
         stages.outputLock?.release()
         let summary = TrainingSummary(filesWritten: checkpointer.filesWritten, seconds: Date().timeIntervalSince(wallStart),
                                       images: trainedSamples, steps: position.optimizerSteps - startSteps, ranks: communicator.size,
-                                      communicationSeconds: communicationSeconds, skippedSteps: position.skippedSteps)
+                                      communicationSeconds: communicationSeconds,
+                                      exposedCommunicationSeconds: stages.buckets == nil ? nil : exposedCommunicationSeconds,
+                                      skippedSteps: position.skippedSteps)
         for line in summary.lines() { say(line) }
         if case .stopped(let signal) = outcome {
             say("stopped by \(signal.map(StopSignal.name) ?? "a signal on another rank") at step \(position.optimizerSteps); resume with --resume \(checkpointer.stateDirectory.path)")

@@ -125,6 +125,20 @@ public final class LoRANetwork: LayerAdapters {
 
     private var downVars: [Var] = []
     private var upVars: [Var] = []
+    /// Per module, the tape position (`Tape.position`) of its first use in the current forward pass (Int.max: unused),
+    /// recorded while `recordingUses` (set for one forward, off before backward: a checkpointed block's replay during
+    /// backward uses the modules again, on another tape). GradientBuckets reads it to know when a gradient is final.
+    public private(set) var firstUse: [Int] = []
+    public var recordingUses = false {
+        didSet { if recordingUses { firstUse = Array(repeating: .max, count: modules.count) } }
+    }
+
+    private func noteUse(_ t: Tape, _ i: Int) {
+        if recordingUses { firstUse[i] = min(firstUse[i], t.position) }
+    }
+
+    /// Module i's parameters (lora_down then lora_up) in the flat buffer.
+    public func range(ofModule i: Int) -> Range<Int> { modules[i].downOffset..<(modules[i].downOffset + modules[i].parameterCount) }
 
     public var parameterCount: Int { parameters.count }
     /// The models this network has modules for.
@@ -278,8 +292,14 @@ public final class LoRANetwork: LayerAdapters {
 
     /// Adds the gradients the last backward found for the bound Vars into `into` (the flat gradient buffer).
     public func accumulateGradients(_ grads: GradStore, into buffer: inout [Float]) {
+        accumulateGradients(grads, modules: modules.indices, into: &buffer)
+    }
+
+    /// The same for the given modules only (the overlapped reduction adds each module's once it is final).
+    public func accumulateGradients(_ grads: GradStore, modules indices: some Sequence<Int>, into buffer: inout [Float]) {
         precondition(buffer.count == parameters.count, "gradient buffer has \(buffer.count) values, the network \(parameters.count)")
-        for (i, m) in modules.enumerated() {
+        for i in indices {
+            let m = modules[i]
             for (v, offset) in [(downVars[i], m.downOffset), (upVars[i], m.upOffset)] {
                 guard let g = grads[v] else { continue }
                 let s = g.scalars
@@ -298,6 +318,7 @@ public final class LoRANetwork: LayerAdapters {
         if training && ((spec.dropout ?? 0) > 0 || (spec.rankDropout ?? 0) > 0 || (spec.moduleDropout ?? 0) > 0) { return nil }
         if downVars.isEmpty { bind(trainable: false) }
         let i = index[0]
+        noteUse(t, i)
         return t.lowRankLinear(x, weight, bias, down: downVars[i], up: upVars[i], scale: modules[i].scale * multiplier)
     }
 
@@ -321,6 +342,7 @@ public final class LoRANetwork: LayerAdapters {
     /// Module i's branch up(down(x))·scale (kohya LoRAModule.forward without org), nil when module dropout skips it.
     private func branch(_ t: Tape, _ i: Int, _ x: Var) -> Var? {
         let m = modules[i]
+        noteUse(t, i)
         var rng = SplitMix64(seed: dropoutSeed ^ FNV1a64.hash(m.name))
         if training, let p = spec.moduleDropout, p > 0, Float(rng.uniform()) < p { return nil }
         var scale = m.scale * multiplier

@@ -25,8 +25,12 @@ public struct StepMetrics: Sendable, Codable, Equatable {
     public var gradientNorm: Double?
     /// Wall time of the whole optimizer step.
     public var stepSeconds: Double
-    /// The part of `stepSeconds` spent in gradient all-reduce.
+    /// Time spent in the gradient all-reduce (with overlap_reduction: the communication thread's busy time, mostly
+    /// during backward).
     public var communicationSeconds: Double
+    /// The part of `stepSeconds` the step waited for the all-reduce (all of it without overlap; with it, what was not
+    /// hidden behind backward).
+    public var exposedCommunicationSeconds: Double
     /// Uncompressed / wire bytes of the all-reduce; nil without compression (or single rank).
     public var compressionRatio: Double?
     /// Images (all ranks) trained on in this step / stepSeconds.
@@ -37,8 +41,9 @@ public struct StepMetrics: Sendable, Codable, Equatable {
     public init(
         step: Int, epoch: Int, loss: Double, lossAverage: Double, learningRates: [String: Double],
         gradientNorm: Double? = nil, stepSeconds: Double, communicationSeconds: Double = 0,
-        compressionRatio: Double? = nil, imagesPerSecond: Double, skipped: Bool = false
+        exposedCommunicationSeconds: Double? = nil, compressionRatio: Double? = nil, imagesPerSecond: Double, skipped: Bool = false
     ) {
+        self.exposedCommunicationSeconds = exposedCommunicationSeconds ?? communicationSeconds
         self.step = step
         self.epoch = epoch
         self.loss = loss
@@ -59,6 +64,7 @@ public struct StepMetrics: Sendable, Codable, Equatable {
         case gradientNorm = "gradient_norm"
         case stepSeconds = "step_seconds"
         case communicationSeconds = "communication_seconds"
+        case exposedCommunicationSeconds = "exposed_communication_seconds"
         case compressionRatio = "compression_ratio"
         case imagesPerSecond = "images_per_second"
         case skipped
@@ -75,6 +81,7 @@ public struct StepMetrics: Sendable, Codable, Equatable {
         if let gradientNorm { try c.encode(gradientNorm, forKey: .gradientNorm) } else { try c.encodeNil(forKey: .gradientNorm) }
         try c.encode(stepSeconds, forKey: .stepSeconds)
         try c.encode(communicationSeconds, forKey: .communicationSeconds)
+        try c.encode(exposedCommunicationSeconds, forKey: .exposedCommunicationSeconds)
         if let compressionRatio { try c.encode(compressionRatio, forKey: .compressionRatio) } else { try c.encodeNil(forKey: .compressionRatio) }
         try c.encode(imagesPerSecond, forKey: .imagesPerSecond)
         try c.encode(skipped, forKey: .skipped)
@@ -82,13 +89,14 @@ public struct StepMetrics: Sendable, Codable, Equatable {
 
     /// (tag, value) pairs for TensorBoard, in this order: loss/current, loss/average (kohya's tag names),
     /// lr/<group> (groups sorted by name; kohya: lr/unet, lr/textencoder), grad_norm (when known), time/step,
-    /// time/communication, compression_ratio (when known), images_per_second.
+    /// time/communication, time/communication_exposed, compression_ratio (when known), images_per_second.
     public var scalars: [(tag: String, value: Double)] {
         var out: [(tag: String, value: Double)] = [("loss/current", loss), ("loss/average", lossAverage)]
         for group in learningRates.keys.sorted() { out.append(("lr/\(group)", learningRates[group]!)) }
         if let gradientNorm { out.append(("grad_norm", gradientNorm)) }
         out.append(("time/step", stepSeconds))
         out.append(("time/communication", communicationSeconds))
+        out.append(("time/communication_exposed", exposedCommunicationSeconds))
         if let compressionRatio { out.append(("compression_ratio", compressionRatio)) }
         out.append(("images_per_second", imagesPerSecond))
         return out

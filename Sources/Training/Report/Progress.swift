@@ -226,13 +226,16 @@ public struct TrainingSummary: Sendable, Equatable {
     public var ranks: Int
     /// Total time in gradient all-reduce, when measured.
     public var communicationSeconds: Double?
+    /// The part of it the steps waited for (the rest overlapped backward); nil: all of it.
+    public var exposedCommunicationSeconds: Double?
     /// Steps skipped because the loss or gradient was not finite.
     public var skippedSteps: Int
 
     public init(
         filesWritten: [String], seconds: Double, images: Int, steps: Int, ranks: Int = 1,
-        communicationSeconds: Double? = nil, skippedSteps: Int = 0
+        communicationSeconds: Double? = nil, exposedCommunicationSeconds: Double? = nil, skippedSteps: Int = 0
     ) {
+        self.exposedCommunicationSeconds = exposedCommunicationSeconds
         self.filesWritten = filesWritten
         self.seconds = seconds
         self.images = images
@@ -263,7 +266,11 @@ public struct TrainingSummary: Sendable, Equatable {
         }
         if let communicationSeconds {
             let share = seconds > 0 ? 100 * communicationSeconds / seconds : 0
-            out.append("communication " + TrainingProgress.formatInterval(communicationSeconds) + String(format: " (%.1f%% of the time)", share))
+            var line = "communication " + TrainingProgress.formatInterval(communicationSeconds) + String(format: " (%.1f%% of the time)", share)
+            if let exposed = exposedCommunicationSeconds, communicationSeconds > 0 {
+                line += String(format: ", %.0f%% of it hidden behind backward", max(0, 100 * (1 - exposed / communicationSeconds)))
+            }
+            out.append(line)
         }
         if filesWritten.isEmpty {
             out.append("wrote no files")

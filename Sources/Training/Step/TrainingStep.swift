@@ -11,6 +11,17 @@ public enum TrainingStep {
                            timesteps: [Int], conditioning: (Tape) -> (context: Var, y: Var), sampleWeights: [Float],
                            schedule: NoiseSchedule, loss options: LossOptions, checkpointing: Bool, gradients: inout [Float])
         -> (loss: Float, perSample: [Float]) {
+        run(unet: unet, network: network, latents: x0, noise: noise, noisyLatents: noisyLatents, timesteps: timesteps,
+            conditioning: conditioning, sampleWeights: sampleWeights, schedule: schedule, loss: options,
+            checkpointing: checkpointing, gradients: &gradients, stream: nil)
+    }
+
+    /// `stream`: the overlapped all-reduce of this optimizer step (GradientBuckets), which takes each module's gradient
+    /// as soon as backward has finished it; nil: all gradients are added after backward.
+    static func run(unet: UNet, network: LoRANetwork, latents x0: Tensor, noise: Tensor, noisyLatents: Tensor,
+                    timesteps: [Int], conditioning: (Tape) -> (context: Var, y: Var), sampleWeights: [Float],
+                    schedule: NoiseSchedule, loss options: LossOptions, checkpointing: Bool, gradients: inout [Float],
+                    stream: GradientBuckets.Stream?) -> (loss: Float, perSample: [Float]) {
         let b = timesteps.count
         let target = options.vPrediction ? schedule.velocity(x0, noise: noise, timesteps: timesteps) : noise
         network.bind(trainable: true)
@@ -18,12 +29,20 @@ public enum TrainingStep {
         let (context, y) = conditioning(tape)
         let prediction = unet(tape, x: Var(noisyLatents), timesteps: Var(Tensor(shape: [b], timesteps.map(Float.init))),
                               context: context, y: y, checkpointing: checkpointing)
+        stream?.forwardDone()
         let loss = DiffusionLoss.evaluate(prediction: prediction.value, target: target, timesteps: timesteps,
                                           sampleWeights: sampleWeights, schedule: schedule, options: options)
         guard loss.loss.isFinite else { return (loss.loss, loss.perSample) }
         // d(Σ per-sample losses)/d(prediction) = B · d(batch mean)/d(prediction).
-        let grads = tape.backward(from: prediction, seed: Elementwise.scale(loss.gradient, Float(b)))
-        network.accumulateGradients(grads, into: &gradients)
+        guard let stream else {
+            let grads = tape.backward(from: prediction, seed: Elementwise.scale(loss.gradient, Float(b)))
+            network.accumulateGradients(grads, into: &gradients)
+            return (loss.loss, loss.perSample)
+        }
+        let grads = tape.backward(from: prediction, seed: Elementwise.scale(loss.gradient, Float(b))) { remaining, g in
+            stream.progress(remaining: remaining, grads: g, gradients: &gradients)
+        }
+        stream.complete(grads: grads, gradients: &gradients)
         return (loss.loss, loss.perSample)
     }
 
@@ -43,7 +62,7 @@ extension TrainingStep {
     /// size conditioning. Returns (Σ per-sample losses, samples); adds Σ per-sample gradients into `gradients`.
     static func run(_ batch: TrainingBatch, unet: UNet, network: LoRANetwork, text: TextConditioner, sizeEmbedDim: Int,
                     schedule: NoiseSchedule, loss options: LossOptions, checkpointing: Bool,
-                    gradients: inout [Float]) -> (lossSum: Double, samples: Int) {
+                    gradients: inout [Float], stream: GradientBuckets.Stream? = nil) -> (lossSum: Double, samples: Int) {
         let conditioning: (Tape) -> (context: Var, y: Var) = { t in
             let (context, pooled) = text.encode(t, batch.captions, checkpointing: checkpointing)
             return (context, batch.y(t, pooled: pooled, embedDim: sizeEmbedDim))
@@ -51,7 +70,7 @@ extension TrainingStep {
         let (loss, _) = run(unet: unet, network: network, latents: batch.latents, noise: batch.noise,
                             noisyLatents: batch.noisyLatents, timesteps: batch.timesteps, conditioning: conditioning,
                             sampleWeights: batch.weights, schedule: schedule, loss: options, checkpointing: checkpointing,
-                            gradients: &gradients)
+                            gradients: &gradients, stream: stream)
         return (loss.isFinite ? Double(loss) * Double(batch.count) : .nan, batch.count)
     }
 }

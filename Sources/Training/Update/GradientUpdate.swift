@@ -42,8 +42,10 @@ final class GradientUpdate {
     /// divided; the caller zeroes it); `lossSum`, `samples`, `nonFinite`: the window's. `step`: optimizer steps done.
     /// `committed` runs holding `lock` right after the optimizer's update (or the decision to skip it), so that the
     /// caller can publish the position that goes with the new parameters atomically (ImmediateStop).
+    /// `reduced`: the gradients were already summed over ranks during backward (GradientBuckets), with these statistics.
     func apply(gradients: inout [Float], lossSum: Double, samples: Int, nonFinite: Bool, parameters: inout [Float],
-               step: Int, lock: NSLock? = nil, committed: (Outcome) -> Void = { _ in }) throws -> Outcome {
+               step: Int, reduced: GradientAllReduce.Stats? = nil, lock: NSLock? = nil,
+               committed: (Outcome) -> Void = { _ in }) throws -> Outcome {
         // Loss, samples and the non-finite flag of every rank: one small all-reduce.
         var summary: [Float] = [Float(lossSum.isFinite ? lossSum : 0), Float(samples), nonFinite ? 1 : 0]
         try communicator.allReduceSum(&summary)
@@ -53,7 +55,7 @@ final class GradientUpdate {
                               gradientNorm: nil, learningRates: rates, reduce: nil)
         var ready = false
         if total > 0 {
-            outcome.reduce = try reducer.sum(&gradients)
+            outcome.reduce = try reduced ?? reducer.sum(&gradients)
             let inverse = 1 / Float(total)
             for i in gradients.indices { gradients[i] *= inverse }
             if summary[2] == 0, gradients.allSatisfy({ $0.isFinite }) {
