@@ -8,7 +8,8 @@ import Darwin
 /// What one optimizer step reports (rank 0 writes it; the values are already reduced over ranks).
 ///
 /// JSON form (one line of the metrics JSONL): snake_case keys — step, epoch, loss, loss_average,
-/// learning_rates {group: lr}, gradient_norm, step_seconds, communication_seconds, compression_ratio,
+/// learning_rates {group: lr}, gradient_norm, step_seconds, communication_seconds, exposed_communication_seconds,
+/// compression_ratio,
 /// images_per_second, skipped — an absent optional is `null`, and a non-finite number is the string "NaN",
 /// "Infinity" or "-Infinity" (JSON has no literal for them; `float("NaN")` in Python reads them back).
 public struct StepMetrics: Sendable, Codable, Equatable {
@@ -70,6 +71,23 @@ public struct StepMetrics: Sendable, Codable, Equatable {
         case skipped
     }
 
+    /// Lines written before `exposed_communication_seconds` existed read it as `communication_seconds`.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        step = try c.decode(Int.self, forKey: .step)
+        epoch = try c.decode(Int.self, forKey: .epoch)
+        loss = try c.decode(Double.self, forKey: .loss)
+        lossAverage = try c.decode(Double.self, forKey: .lossAverage)
+        learningRates = try c.decode([String: Double].self, forKey: .learningRates)
+        gradientNorm = try c.decodeIfPresent(Double.self, forKey: .gradientNorm)
+        stepSeconds = try c.decode(Double.self, forKey: .stepSeconds)
+        communicationSeconds = try c.decode(Double.self, forKey: .communicationSeconds)
+        exposedCommunicationSeconds = try c.decodeIfPresent(Double.self, forKey: .exposedCommunicationSeconds) ?? communicationSeconds
+        compressionRatio = try c.decodeIfPresent(Double.self, forKey: .compressionRatio)
+        imagesPerSecond = try c.decode(Double.self, forKey: .imagesPerSecond)
+        skipped = try c.decode(Bool.self, forKey: .skipped)
+    }
+
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(step, forKey: .step)
@@ -89,14 +107,13 @@ public struct StepMetrics: Sendable, Codable, Equatable {
 
     /// (tag, value) pairs for TensorBoard, in this order: loss/current, loss/average (kohya's tag names),
     /// lr/<group> (groups sorted by name; kohya: lr/unet, lr/textencoder), grad_norm (when known), time/step,
-    /// time/communication, time/communication_exposed, compression_ratio (when known), images_per_second.
+    /// time/communication, compression_ratio (when known), images_per_second.
     public var scalars: [(tag: String, value: Double)] {
         var out: [(tag: String, value: Double)] = [("loss/current", loss), ("loss/average", lossAverage)]
         for group in learningRates.keys.sorted() { out.append(("lr/\(group)", learningRates[group]!)) }
         if let gradientNorm { out.append(("grad_norm", gradientNorm)) }
         out.append(("time/step", stepSeconds))
         out.append(("time/communication", communicationSeconds))
-        out.append(("time/communication_exposed", exposedCommunicationSeconds))
         if let compressionRatio { out.append(("compression_ratio", compressionRatio)) }
         out.append(("images_per_second", imagesPerSecond))
         return out
