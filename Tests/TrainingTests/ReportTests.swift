@@ -141,7 +141,7 @@ final class ReportTests: XCTestCase {
             XCTAssertEqual(object["wall_time"] as? Double, wallTime)
             XCTAssertEqual(Set(object.keys), [
                 "step", "epoch", "loss", "loss_average", "learning_rates", "gradient_norm", "step_seconds",
-                "communication_seconds", "compression_ratio", "images_per_second", "skipped", "wall_time",
+                "communication_seconds", "exposed_communication_seconds", "compression_ratio", "images_per_second", "skipped", "wall_time",
             ])
         }
         XCTAssertTrue(lines[2].contains("\"loss\":\"NaN\""), String(lines[2]))
