@@ -25,6 +25,8 @@ public protocol Communicator: AnyObject, FlagReducer {
     func isend(_ bytes: [UInt8], to: Int, tag: Int) throws -> any PendingSendRequest
     /// Nonblocking receive of at most `capacity` bytes.
     func ireceive(capacity: Int, from: Int, tag: Int) throws -> any PendingReceiveRequest
+    /// A message with `tag` from any rank if one has arrived (never waits); nil otherwise.
+    func poll(tag: Int) throws -> (from: Int, bytes: [UInt8])?
 }
 
 public enum ReductionOp: Sendable { case sum, max }
@@ -105,6 +107,16 @@ public final class LocalGroup: @unchecked Sendable {
         mailboxes[Route(from: from, to: to, tag: tag), default: []].append(bytes)
         cond.broadcast()
         cond.unlock()
+    }
+
+    func takeAny(to: Int, tag: Int) -> (from: Int, bytes: [UInt8])? {
+        cond.lock()
+        defer { cond.unlock() }
+        for from in 0..<size {
+            let route = Route(from: from, to: to, tag: tag)
+            if let queue = mailboxes[route], !queue.isEmpty { return (from, mailboxes[route]!.removeFirst()) }
+        }
+        return nil
     }
 
     func take(from: Int, to: Int, tag: Int) -> [UInt8] {
@@ -192,6 +204,8 @@ public final class LocalCommunicator: Communicator {
         group.post(bytes, from: rank, to: to, tag: tag)
         return Sent()
     }
+
+    public func poll(tag: Int) throws -> (from: Int, bytes: [UInt8])? { group.takeAny(to: rank, tag: tag) }
 
     public func ireceive(capacity: Int, from: Int, tag: Int) throws -> any PendingReceiveRequest {
         let (group, me) = (self.group, rank)

@@ -316,6 +316,21 @@ extension MPICommunicator {
         }
     }
 
+    /// A message with `tag` from any rank, if one has arrived (MPI_Iprobe, then MPI_Recv of what it found).
+    public func poll(tag: Int) throws -> (from: Int, bytes: [UInt8])? {
+        var flag: Int32 = 0, status = MPI_Status()
+        try Self.check(MPI_Iprobe(lora_mpi_any_source(), Int32(tag), comm, &flag, &status), "MPI_Iprobe")
+        guard flag != 0 else { return nil }
+        var count: Int32 = 0
+        try Self.check(MPI_Get_count(&status, lora_mpi_byte(), &count), "MPI_Get_count")
+        let source = status.MPI_SOURCE
+        var bytes = [UInt8](repeating: 0, count: max(Int(count), 1))
+        try bytes.withUnsafeMutableBytes { p in
+            try Self.check(MPI_Recv(p.baseAddress, count, lora_mpi_byte(), source, Int32(tag), comm, &status), "MPI_Recv")
+        }
+        return (Int(source), Array(bytes.prefix(Int(count))))
+    }
+
     /// Nonblocking send; the message is copied, so `bytes` may change right after.
     public func isend(_ bytes: [UInt8], to: Int, tag: Int = 0) throws -> any PendingSendRequest {
         try PendingSend(bytes: bytes, to: to, tag: tag, owner: self)

@@ -118,9 +118,9 @@ struct CacheCommand: ParsableCommand {
             let cache = try LatentCache(storage: .disk(inputs.latentFolder))
             let start = Date()
             let caching = try LatentCaching(plan: plan, cache: cache, vaeIdentity: encoder.identity,
-                                            communicator: comm, vae: encoder.load, family: encoder.family, progress: { n, mine in
+                                            communicator: comm, vae: encoder.load, family: encoder.family, progress: { n, latents in
                 let rate = Double(n) / max(Date().timeIntervalSince(start), 1e-9)
-                progress.info("encoded \(n)/\(mine) (this rank's share), \(String(format: "%.2f", rate)) images/s")
+                progress.info("encoded \(n) (all \(comm.size) ranks; \(latents) latents in the plan, cached ones are reused), \(String(format: "%.2f", rate)) images/s")
             })
             if verbose {
                 for j in try plan.latentJobs(vaeIdentity: encoder.identity) where j.owner == rank {

@@ -66,6 +66,8 @@ final class CacheCommandTests: XCTestCase {
         let first = try run(args)
         XCTAssertEqual(first.status, 0, first.output)
         XCTAssertTrue(first.output.contains("4 latents, 0 hits, 4 misses, 0 rebuilt"), first.output)
+        // Rank 0's progress counts both ranks' encodes (it used to count its own share only): it reaches 4 of 4.
+        XCTAssertTrue(first.output.contains("encoded 4 (all 2 ranks; 4 latents in the plan"), first.output)
         // Each rank lists what it owns: disjoint, and together every file in the cache.
         var owned: [Int: Set<String>] = [:]
         for line in first.output.split(separator: "\n") where line.contains(" owns ") {

@@ -93,13 +93,14 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertLessThan(maxDiff, 1e-4 * maxAbs, "np2×b1 vs np1×b2")
     }
 
-    // The overlapped all-reduce (the default on 2+ ranks; tiny buckets here: dozens per step) gives the LoRA bit for bit
+    // The overlapped all-reduce (the default across hosts; forced on here, where both ranks share one; tiny buckets:
+    // dozens per step) gives the LoRA bit for bit
     // that reducing after backward gives, on 2 ranks with the text encoders trained and gradient accumulation (only the
     // window's last micro-step overlaps); parameter_check_every = 1 checks every step that both ranks agree.
     func testOverlappedReductionEqualsReductionAfterBackward() throws {
         let images = try squareImages(3)
         let extra = "gradient_accumulation_steps = 2\ngradient_checkpointing = true"
-        let on = try run(["train", try config("overlap", images: images, batch: 1, steps: 3, extra: extra, lora: "bucket_mb = 0.002",
+        let on = try run(["train", try config("overlap", images: images, batch: 1, steps: 3, extra: extra, lora: "overlap_reduction = true\nbucket_mb = 0.002",
                                              unetOnly: false)], ranks: 2)
         XCTAssertEqual(on.status, 0, on.output)
         XCTAssertTrue(on.output.contains("hidden behind backward"), on.output)
@@ -107,10 +108,20 @@ final class TrainCommandTests: XCTestCase {
                                               lora: "overlap_reduction = false", unetOnly: false)], ranks: 2)
         XCTAssertEqual(off.status, 0, off.output)
         XCTAssertFalse(off.output.contains("hidden behind backward"), off.output)
+        let wrong = try run(["train", try config("wrongoverlap", images: images, batch: 1, steps: 1, lora: "overlap_reduction = \"yes\"")])
+        XCTAssertNotEqual(wrong.status, 0)
+        XCTAssertTrue(wrong.output.contains("overlap_reduction") && wrong.output.contains("\"auto\""), wrong.output)
         let a = try loraTensors(work.appendingPathComponent("overlap/t.safetensors").path)
         let b = try loraTensors(work.appendingPathComponent("after/t.safetensors").path)
         XCTAssertEqual(Set(a.keys), Set(b.keys))
         for (k, v) in a { XCTAssertEqual(v.map(\.bitPattern), b[k]!.map(\.bitPattern), k) }
+        // `auto` (the default) times steps 2–3 after backward and 4–5 during it, then keeps the faster, saying so.
+        let auto = try run(["train", try config("auto", images: images, batch: 1, steps: 7)], ranks: 2)
+        XCTAssertEqual(auto.status, 0, auto.output)
+        XCTAssertTrue(auto.output.contains("overlap_reduction auto: ") && auto.output.contains("from here on"), auto.output)
+        let short = try run(["train", try config("autoshort", images: images, batch: 1, steps: 3)], ranks: 2)
+        XCTAssertEqual(short.status, 0, short.output)
+        XCTAssertFalse(short.output.contains("overlap_reduction auto") || short.output.contains("hidden behind backward"), short.output)
         let bad = try run(["train", try config("badbucket", images: images, batch: 1, steps: 1, lora: "bucket_mb = 0")])
         XCTAssertNotEqual(bad.status, 0)
         XCTAssertTrue(bad.output.contains("bucket_mb") && bad.output.contains("> 0"), bad.output)

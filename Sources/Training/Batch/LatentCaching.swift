@@ -15,10 +15,15 @@ public struct LatentCaching {
     /// Over all ranks: reused, encoded (new), re-encoded (stale or corrupt).
     public let hits: Int, misses: Int, rebuilt: Int
 
-    /// `vae` is made only if this rank has something to encode. `progress(done, mine)` after each encoded latent.
+    /// Message tag of the progress counts the ranks send rank 0.
+    static let progressTag = 41
+
+    /// `vae` is made only if this rank has something to encode. `progress(encoded, latents)`, on rank 0 only, while
+    /// the ranks encode: latents encoded so far by all ranks, out of the plan's latents (hits included). Every rank
+    /// passes a `progress` or none (with one, the other ranks send rank 0 their counts as they go).
     public init(plan: TrainingPlan, cache: LatentCache, vaeIdentity: String, communicator: any Communicator,
                 vae: () throws -> VAE, family: KernelFamily = Kernels.family,
-                progress: (Int, Int) -> Void = { _, _ in }) throws {
+                progress: ((Int, Int) -> Void)? = nil) throws {
         let jobs = try plan.latentJobs(vaeIdentity: vaeIdentity)
         var keys: [String: [Bool: LatentKey]] = [:]
         var owner: [LatentKey: Int] = [:]
@@ -28,16 +33,77 @@ public struct LatentCaching {
         }
         let rank = communicator.rank
         var model: VAE? = nil
+        let board = progress.map { ProgressBoard(communicator: communicator, total: owner.count, report: $0) }
         local = try CacheBuilder.build(jobs.map(\.job), cache: cache, isAssigned: { owner[$0.key] == rank }, encode: { x in
             if model == nil { model = try vae() }
             let (mean, logvar) = Kernels.with(family) { model!.encode(Tape(recording: false), Var(x)) }
             return (mean.value, logvar.value)
-        }, progress: progress)
+        }, progress: { done, _ in try? board?.encoded(done) })
+        try board?.finish()
         // Every file is complete before any rank reads the cache.
         try communicator.barrier()
         let totals = try communicator.allReduce([Int64(local.hits), Int64(local.misses), Int64(local.rebuilt.count)], op: .sum)
         (hits, misses, rebuilt) = (Int(totals[0]), Int(totals[1]), Int(totals[2]))
         self.keys = keys
+    }
+}
+
+/// All ranks' encode counts on rank 0 (`lora-dist cache` progress): each other rank sends its running count (8 bytes,
+/// eager) after each encode and a last message when it is done; rank 0 reads what has arrived after each of its own
+/// encodes, then until every rank is done.
+private final class ProgressBoard {
+    let communicator: any Communicator
+    let total: Int
+    let report: (Int, Int) -> Void
+    private var counts: [Int]
+    private var finished: Set<Int> = []
+    private var sends: [any PendingSendRequest] = []
+    private var shown = -1
+
+    init(communicator: any Communicator, total: Int, report: @escaping (Int, Int) -> Void) {
+        self.communicator = communicator
+        self.total = total
+        self.report = report
+        counts = [Int](repeating: 0, count: communicator.size)
+    }
+
+    private static func message(_ count: Int, done: Bool) -> [UInt8] {
+        withUnsafeBytes(of: Int64(count).littleEndian, Array.init) + [done ? 1 : 0]
+    }
+
+    func encoded(_ done: Int) throws {
+        counts[communicator.rank] = done
+        if communicator.rank == 0 { try drain(); show() } else {
+            sends.append(try communicator.isend(Self.message(done, done: false), to: 0, tag: LatentCaching.progressTag))
+        }
+    }
+
+    private func drain() throws {
+        while let (from, bytes) = try communicator.poll(tag: LatentCaching.progressTag), bytes.count == 9 {
+            var v: Int64 = 0
+            for k in 0..<8 { v |= Int64(bytes[k]) << (8 * k) }
+            counts[from] = Int(v)
+            if bytes[8] == 1 { finished.insert(from) }
+        }
+    }
+
+    private func show() {
+        let sum = counts.reduce(0, +)
+        if sum != shown { shown = sum; report(sum, total) }
+    }
+
+    /// Rank 0: waits (polling every 50 ms) until every other rank said it is done; the others: says so.
+    func finish() throws {
+        if communicator.rank == 0 {
+            while finished.count < communicator.size - 1 {
+                try drain()
+                show()
+                if finished.count < communicator.size - 1 { usleep(50_000) }
+            }
+        } else {
+            sends.append(try communicator.isend(Self.message(counts[communicator.rank], done: true), to: 0, tag: LatentCaching.progressTag))
+            for s in sends { try s.wait() }
+        }
     }
 }
 

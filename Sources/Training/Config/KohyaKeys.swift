@@ -184,7 +184,7 @@ extension TrainingConfig {
         "wire_format": .string, "threads_per_rank": .int, "cache_dir": .string, "cache_mode": .string,
         "trigger": .string, "resolutions": .any, "keep_step_saves": .int, "log_every": .int,
         "metrics_file": .string, "max_nonfinite_steps": .int, "parameter_check_every": .int, "keep_states": .int,
-        "strict": .bool, "collective_timeout": .any, "overlap_reduction": .bool, "bucket_mb": .any,
+        "strict": .bool, "collective_timeout": .any, "overlap_reduction": .any, "bucket_mb": .any,
     ]
 }
 

@@ -150,6 +150,11 @@ public struct TrainingConfig: Sendable {
     public init() {}
 }
 
+/// `[lora_dist] overlap_reduction`: true, false or "auto".
+public enum OverlapMode: String, Sendable {
+    case auto, on, off
+}
+
 /// lora-dist's own settings (the `[lora_dist]` section of a training TOML).
 public struct LoraDistOptions: Sendable {
     /// Gradient all-reduce wire format.
@@ -180,7 +185,10 @@ public struct LoraDistOptions: Sendable {
     /// the ranks that did not arrive (0 = wait forever). Setup (model load, latent caching) waits 6× as long.
     public var collectiveTimeout = 300.0
     /// Reduce the gradient in buckets during backward, on a communication thread (GradientBuckets), instead of after it.
-    public var overlapReduction = true
+    /// `auto`: measured in the run (TrainingLoop.AutoOverlap): steps 2–3 after backward, 4–5 overlapped, then the faster
+    /// way. Neither wins everywhere: the thread hides wire time but its CPU (codec, TCP) comes out of the compute when
+    /// no core is free for it (bench/RESULTS.md "SDXL data-parallel scaling").
+    public var overlapReduction = OverlapMode.auto
     /// About how many MB of fp32 gradient per bucket of the overlapped reduction (PyTorch DDP's bucket_cap_mb: 25).
     public var bucketMB = 25.0
     /// Every warning of the config loader is an error (`--strict`).

@@ -524,8 +524,9 @@ extension TrainingConfig {
             guard let b = v.bool else { throw bad("true or false") }
             lora.strict = b
         case "overlap_reduction":
-            guard let b = v.bool else { throw bad("true or false") }
-            lora.overlapReduction = b
+            if let b = v.bool { lora.overlapReduction = b ? .on : .off }
+            else if v.string == "auto" { lora.overlapReduction = .auto }
+            else { throw bad("true, false or \"auto\"") }
         case "bucket_mb":
             guard let d = v.double ?? v.int.map(Double.init) else { throw bad("a number of megabytes, e.g. 25") }
             guard d > 0 else { throw bad("a number of megabytes > 0, e.g. 25") }

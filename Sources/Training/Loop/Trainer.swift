@@ -70,7 +70,8 @@ final class TrainingStages {
     let lossOptions: LossOptions
     let batches: BatchAssembler
     let update: GradientUpdate
-    /// The overlapped all-reduce's buckets ([lora_dist] overlap_reduction; nil on one rank, where nothing is reduced).
+    /// The overlapped all-reduce's buckets ([lora_dist] overlap_reduction; nil on one rank, where nothing is reduced,
+    /// and when it is off).
     let buckets: GradientBuckets?
     let checkpointer: Checkpointer
     let outputDirectory: URL
@@ -166,11 +167,19 @@ final class TrainingStages {
         let reducer = try GradientAllReduce(communicator: communicator, count: network.parameterCount, format: config.lora.wireFormat)
         update = GradientUpdate(communicator: communicator, reducer: reducer, optimizer: optimizer, schedule: schedule,
                                 baseLearningRates: rates, maxGradNorm: config.maxGradNorm)
-        if config.lora.overlapReduction && communicator.size > 1 && !communicator.callsFromAnyThread {
-            say("overlap_reduction: this MPI library does not allow calls from a second thread (MPI_THREAD_SERIALIZED); the gradient is reduced after backward")
+        var overlap = false
+        if communicator.size > 1 {
+            switch config.lora.overlapReduction {
+            case .on: overlap = true
+            case .off: overlap = false
+            case .auto: overlap = true   // built; the loop measures both ways and keeps the faster (TrainingLoop)
+            }
+            if overlap && !communicator.callsFromAnyThread {
+                say("overlap_reduction: this MPI library does not allow calls from a second thread (MPI_THREAD_SERIALIZED); the gradient is reduced after backward")
+                overlap = false
+            }
         }
-        buckets = config.lora.overlapReduction && communicator.size > 1 && communicator.callsFromAnyThread
-            ? GradientBuckets(network: network, reducer: reducer, bucketFloats: Int(config.lora.bucketMB * 1e6 / 4)) : nil
+        buckets = overlap ? GradientBuckets(network: network, reducer: reducer, bucketFloats: Int(config.lora.bucketMB * 1e6 / 4)) : nil
         checkpointer = Checkpointer(config: config, communicator: communicator, plan: plan, network: network,
                                     optimizer: optimizer, reducer: reducer, outputDirectory: outputDirectory)
 

@@ -14,6 +14,30 @@ final class TrainingLoop {
 
     /// What the run has done so far in this process (the end summary).
     private var communicationSeconds = 0.0, exposedCommunicationSeconds = 0.0, trainedSamples = 0
+    /// Whether the next step's all-reduce runs during backward (`overlap_reduction`; `auto` per `autoOverlap`).
+    private var overlapping = false, overlappedSteps = 0
+    private var autoOverlap: AutoOverlap?
+
+    /// `overlap_reduction = "auto"`: this process's steps 2–3 reduce after backward, 4–5 during it (step 1 warms up:
+    /// lazy allocations, first-touch pages); then the way with the shorter mean step, the same on every rank (the
+    /// slowest rank's means decide). A run of fewer steps stays after backward.
+    struct AutoOverlap {
+        private(set) var after: [Double] = [], during: [Double] = []
+        private(set) var decided = false
+        /// Whether step `n` (1-based, this process's count) overlaps, before the decision.
+        func overlaps(step n: Int) -> Bool { n == 4 || n == 5 }
+        /// Records step `n`'s wall time; after step 5 returns the two means (not yet reduced over ranks).
+        mutating func record(step n: Int, seconds: Double) -> (after: Double, during: Double)? {
+            switch n {
+            case 2, 3: after.append(seconds)
+            case 4, 5: during.append(seconds)
+            default: break
+            }
+            guard n == 5 else { return nil }
+            decided = true
+            return (after.reduce(0, +) / 2, during.reduce(0, +) / 2)
+        }
+    }
     /// Optimizer steps done before this process started (a resume), and the state it resumed from.
     private var startSteps = 0, resumedFrom: String?
     /// kohya's avr_loss window, carried in the state.
@@ -53,6 +77,8 @@ final class TrainingLoop {
             try checkpointer.writeState(p, residualBlobs: [])
         }
 
+        overlapping = stages.buckets != nil && config.lora.overlapReduction == .on
+        if stages.buckets != nil && config.lora.overlapReduction == .auto { autoOverlap = AutoOverlap() }
         let metrics = rank == 0 ? try MetricsWriter(jsonl: metricsURL, tensorboardDirectory: tensorBoardDirectory) : nil
         defer { metrics?.close() }
         try metrics?.writeRunStart(ranks: communicator.size, startStep: position.optimizerSteps,
@@ -71,7 +97,7 @@ final class TrainingLoop {
                 communicator.waitingFor = "step \(position.optimizerSteps + 1)"
                 // The window's last micro-step reduces its gradient during backward (overlap_reduction).
                 let last = epochPlan.steps[index].applyOptimizer
-                let stream = last ? stages.buckets.map { GradientBuckets.Stream($0) } : nil
+                let stream = last && overlapping ? stages.buckets.map { GradientBuckets.Stream($0) } : nil
                 let (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients, stream: stream)
                 window.nonFinite = window.nonFinite || !lossSum.isFinite
                 window.loss += lossSum
@@ -128,6 +154,7 @@ final class TrainingLoop {
         let update = stages.update
         var lossAverage = average.value
         let overlapped = try stream?.finish(gradients: &gradients)
+        if overlapped != nil { overlappedSteps += 1 }
         let step = try update.apply(gradients: &gradients, lossSum: window.loss, samples: window.samples,
                                     nonFinite: window.nonFinite, parameters: &stages.network.parameters,
                                     step: position.optimizerSteps, reduced: overlapped?.stats, lock: stop?.lock) { step in
@@ -160,6 +187,20 @@ final class TrainingLoop {
         slowestStep = max(slowestStep, seconds)
         let base = config.lora.collectiveTimeout
         communicator.timeout = base > 0 ? base + 2 * slowestStep : nil
+        if var auto = autoOverlap, !auto.decided {
+            let n = position.optimizerSteps - startSteps
+            if let (after, during) = auto.record(step: n, seconds: seconds) {
+                // Rank-identical: the slowest rank's means (one small collective, once).
+                let m = try communicator.allReduce([Int64(after * 1e6), Int64(during * 1e6)], op: .max)
+                let (a, d) = (Double(m[0]) / 1e6, Double(m[1]) / 1e6)
+                overlapping = d < a
+                progress?.note(String(format: "overlap_reduction auto: %.2f s/step with the all-reduce after backward, %.2f s during it; ", a, d)
+                    + (overlapping ? "overlapping from here on" : "after backward from here on"))
+            } else {
+                overlapping = auto.overlaps(step: n + 1)
+            }
+            autoOverlap = auto
+        }
         let effective = update.optimizer.effectiveLearningRates(step.learningRates)
         try metrics?.write(StepMetrics(
             step: position.optimizerSteps, epoch: position.epoch + 1, loss: step.meanLoss, lossAverage: lossAverage,
@@ -214,7 +255,7 @@ final class TrainingLoop {
         let summary = TrainingSummary(filesWritten: checkpointer.filesWritten, seconds: Date().timeIntervalSince(wallStart),
                                       images: trainedSamples, steps: position.optimizerSteps - startSteps, ranks: communicator.size,
                                       communicationSeconds: communicationSeconds,
-                                      exposedCommunicationSeconds: stages.buckets == nil ? nil : exposedCommunicationSeconds,
+                                      exposedCommunicationSeconds: overlappedSteps > 0 ? exposedCommunicationSeconds : nil,
                                       skippedSteps: position.skippedSteps)
         for line in summary.lines() { say(line) }
         if case .stopped(let signal) = outcome {
