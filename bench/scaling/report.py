@@ -142,7 +142,8 @@ def write_section(results):
              "lossless fp32 wire, **one thread per rank**. np 2 runs both ranks on this machine's 2 cores: over "
              "loopback (Open MPI shared memory) or two network namespaces joined by tbf-shaped veth links "
              "(cluster/netns/harness.sh, TCP). `overlap` = buckets reduced during backward on a communication thread "
-             "(the default); `after` = `overlap_reduction = false`. Medians over the steps after the first "
+             "(`overlap_reduction = true`); `after` = `false` (the default, `\"auto\"`, times both in each run and "
+             "keeps the faster). Medians over the steps after the first "
              "(first step: lazy allocation, cache warm-up); every step in brackets.")
     L.append("")
     L.append("| run | ranks | link | wire | reduction | step s (each) | images/s | comm s | exposed s | hidden | wire ratio | "
@@ -173,6 +174,35 @@ def write_section(results):
              "Per-rank efficiency = images/s(np 2) / (2 × images/s(np 1)), each rank on one thread (target ≥ 0.90 at "
              "1 Gbit/s). Wire ratio: raw fp32 bytes / bytes sent (lossless fp32 wire, real gradients), median of "
              "steps 2–4, step 1 apart (LoRA-B is zero at step 1, so half of that gradient is exact zeros). Raw: bench/out/scaling_raw.jsonl; logs: bench/out/scaling/*.log (not committed).")
+    L.append("")
+    eff = {n: med(ok[f"r{RUNS[n][0]}-np1"]["images_per_s"]) and med(ok[n]["images_per_s"]) / (2 * med(ok[f"r{RUNS[n][0]}-np1"]["images_per_s"]))
+           for n in ok if RUNS[n][1] == 2 and f"r{RUNS[n][0]}-np1" in ok}
+    for rank in (16, 64):
+        cands = {n: e for n, e in eff.items() if RUNS[n][0] == rank and RUNS[n][2] == "1gbit"}
+        if cands:
+            best = max(cands, key=cands.get)
+            L.append(f"- **Target (per-rank efficiency ≥ 0.90 at 1 Gbit/s), rank {rank}: "
+                     f"{'met' if cands[best] >= 0.90 else 'missed'}** — best {cands[best]:.2f} ({best}); "
+                     + ", ".join(f"{n} {e:.2f}" for n, e in sorted(cands.items())) + ".")
+    L.append("- **Overlap vs after, on this machine.** Overlapping wins where the wire time is long (1 Gbit/s: rank 16 "
+             "and 64) and loses 1–3 % where the all-reduce is mostly CPU (loopback; the netns \"10 Gbit/s\" link, "
+             "which is TCP over veth + tbf on the same 2 cores and moves ~450 MB/s): its thread has no core here, so "
+             "it preempts the 1-thread compute of both ranks (cost model: ~5.6 s lost per GB reduced). Hence "
+             "`overlap_reduction = \"auto\"`: each run times both ways (steps 2–3 after, 4–5 during) and keeps the "
+             "faster. On real nodes, one core of many given to the thread, the loss term should vanish (not measurable "
+             "here).")
+    L.append("- **Rank 64 at 1 Gbit/s, fp32 wire**: 0.83 — the 681 MB all-reduce (5.6 s after backward) is hidden to "
+             "~0.8 s, but the thread's codec + TCP work costs the compute ~5 s; the plain MPI wire "
+             "(`wire_format = \"none\"`, no codec) overlapped reaches 0.90. The lossless codec saves only 21–24 % "
+             "of the bytes on real gradients (ratio 1.27 at rank 16, 1.32 at rank 64 from step 2 on; 2.3 at step 1, "
+             "when LoRA-B is zero). Ratios at steps 100 and 1000 of a run were not measured in this session.")
+    L.append("- **What two 1-thread ranks on one 2-core machine can and cannot tell.** They do measure the "
+             "all-reduce protocol, the overlap's hiding of wire time, shaped-link throughput and the CPU cost of "
+             "communication on a rank with no spare core. They cannot show real-node behaviour: both ranks share one "
+             "memory bus and L3 (np 2's per-rank compute is 2–9 % slower than np 1's even without communication), "
+             "the \"links\" cost these same cores (veth, tbf, TCP on both ends), there is no switch latency "
+             "(no sch_netem here) and no spare core for the communication thread. The cost model carries these "
+             "separately (γ, L, K) so its cluster table can set them to a real node's values.")
     L.append(END)
     text = open(RESULTS).read()
     section = "\n".join(L) + "\n"
