@@ -120,6 +120,12 @@ final class Checkpointer {
     /// Everything to continue bit-identically: LoRA values, optimizer state, position, and (bf16 wire) every rank's
     /// error-feedback residual. Collective (residuals are gathered); rank 0 writes atomically.
     func saveState(_ position: TrainingPosition) throws {
+        // The other ranks wait in the barrier below while rank 0 writes: give them the write's time on top of the
+        // collective timeout (16 bytes per parameter — values, gradient-sized optimizer moments — at a slow 50 MB/s),
+        // so that a small collective_timeout does not end a run whose state file is large.
+        let timeout = communicator.timeout
+        if let t = timeout, t > 0 { communicator.timeout = t + Double(16 * network.parameterCount) / 50e6 }
+        defer { communicator.timeout = timeout }
         var residualBlobs: [[UInt8]] = []
         if config.lora.wireFormat == .bf16 {
             residualBlobs = try communicator.allGather(reducer.residual.withUnsafeBytes { Array($0) })
