@@ -58,6 +58,30 @@ def mem_available_gb():
     return 0.0
 
 
+def replace_section(path, begin, end, lines):
+    """Writes `lines` (which start with `begin` and end with `end`) over that marked section of `path`, or appends it."""
+    section = "\n".join(lines) + "\n"
+    text = open(path).read() if os.path.exists(path) else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def train_command(lora_dist, cfg, ranks, link):
+    """`lora-dist train cfg` on `ranks` ranks: alone, under mpirun on this machine (link "local"/"loopback", unbound
+    ranks), or one rank per network namespace of cluster/netns/harness.sh joined by links shaped to `link`."""
+    if ranks == 1:
+        return [lora_dist, "train", cfg]
+    if link in ("local", "loopback"):
+        return ["mpirun", "-np", str(ranks), "--bind-to", "none", lora_dist, "train", cfg]
+    harness = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster", "netns", "harness.sh")
+    inner = f'"$HARNESS" run "$HARNESS_ID" -np {ranks} --bind-to none -- "$0" train "$1"'
+    return [harness, "with", str(ranks), "--rate", link, "--", "sh", "-c", inner, lora_dist, cfg]
+
+
 def rss_kb(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -253,14 +277,7 @@ def write_section(results, infos, meta):
             L.append(text.strip() + "\n")
     L.append("Raw lines: bench/out/unet_raw.jsonl (not committed).")
     L.append(END)
-    section = "\n".join(L) + "\n"
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(RESULTS, "w") as f:
-        f.write(text)
+    replace_section(RESULTS, BEGIN, END, L)
 
 
 def main():

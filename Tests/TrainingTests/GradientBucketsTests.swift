@@ -21,8 +21,6 @@ extension TextEncoderLoRATests {
         let encoders = try textEncoders(file)
         let unet = try TrainingFixtures.tinyUNet()
         let net = try LoRANetwork(unet: unet, textEncoders: encoders, contents: try contents(file))
-        let ids1 = try file.integers("ids1"), ids2 = try file.integers("ids2")
-        let rows = { (ids: [Int]) in (0..<2).map { [Array(ids[$0 * 77..<($0 + 1) * 77])] } }
         let latents = try file.tensor("latents"), noise = try file.tensor("noise")
         let timesteps = try file.integers("timesteps")
         let reducer = try GradientAllReduce(communicator: LocalGroup(size: 1).communicator(rank: 0),
@@ -35,13 +33,7 @@ extension TextEncoderLoRATests {
         var rng = SplitMix64(seed: 7)
         let earlier = (0..<net.parameterCount).map { _ in Float(rng.uniform()) - 0.5 }
         for checkpointing in [false, true] {
-            let condition: (Tape) -> (context: Var, y: Var) = { t in
-                let (context, pooled) = Conditioning.encode(t, l: encoders.0, g: encoders.1, idsL: rows(ids1), idsG: rows(ids2),
-                                                            checkpointing: checkpointing)
-                let sizes = [(1024, 1024), (1024, 1024)]
-                return (context, Conditioning.y(t, pooled: pooled, originalSize: sizes, cropTopLeft: [(0, 0), (0, 0)],
-                                                targetSize: sizes, embedDim: 8))
-            }
+            let condition = try squareConditioning(file, encoders, checkpointing: checkpointing)
             func step(_ stream: GradientBuckets.Stream?) -> [Float] {
                 var grads = earlier
                 _ = TrainingStep.run(unet: unet, network: net, latents: latents, noise: noise,

@@ -138,17 +138,9 @@ final class TextEncoderLoRATests: XCTestCase {
         let encoders = try textEncoders(file)
         let unet = try TrainingFixtures.tinyUNet()
         let net = try LoRANetwork(unet: unet, textEncoders: encoders, contents: try contents(file))
-        let ids1 = try file.integers("ids1"), ids2 = try file.integers("ids2")
-        let rows = { (ids: [Int]) in (0..<2).map { [Array(ids[$0 * 77..<($0 + 1) * 77])] } }
         var results: [(Float, [Float])] = []
         for checkpointing in [false, true] {
-            let condition: (Tape) -> (context: Var, y: Var) = { t in
-                let (context, pooled) = Conditioning.encode(t, l: encoders.0, g: encoders.1, idsL: rows(ids1), idsG: rows(ids2),
-                                                            checkpointing: checkpointing)
-                let sizes = [(1024, 1024), (1024, 1024)]
-                return (context, Conditioning.y(t, pooled: pooled, originalSize: sizes, cropTopLeft: [(0, 0), (0, 0)],
-                                                targetSize: sizes, embedDim: 8))
-            }
+            let condition = try squareConditioning(file, encoders, checkpointing: checkpointing)
             results.append(try step(net, unet: unet, file: file, noise: try file.tensor("noise"),
                                     timesteps: try file.integers("timesteps"), conditioning: condition))
         }
@@ -157,6 +149,20 @@ final class TextEncoderLoRATests: XCTestCase {
             let range = m.downOffset..<(m.upOffset + m.upShape.reduce(1, *))
             let a = Array(results[0].1[range]), b = Array(results[1].1[range])
             XCTAssertLessThanOrEqual(relErr(b, a), 1e-5, m.name)
+        }
+    }
+
+    /// Both encoders on the fixture's ids (checkpointed or not), y for two 1024² samples without crops.
+    func squareConditioning(_ file: SafeTensorsFile, _ encoders: (CLIPTextEncoderL, OpenCLIPTextEncoderG),
+                            checkpointing: Bool) throws -> (Tape) -> (context: Var, y: Var) {
+        let ids1 = try file.integers("ids1"), ids2 = try file.integers("ids2")
+        let rows = { (ids: [Int]) in (0..<2).map { [Array(ids[$0 * 77..<($0 + 1) * 77])] } }
+        return { t in
+            let (context, pooled) = Conditioning.encode(t, l: encoders.0, g: encoders.1, idsL: rows(ids1), idsG: rows(ids2),
+                                                        checkpointing: checkpointing)
+            let sizes = [(1024, 1024), (1024, 1024)]
+            return (context, Conditioning.y(t, pooled: pooled, originalSize: sizes, cropTopLeft: [(0, 0), (0, 0)],
+                                            targetSize: sizes, embedDim: 8))
         }
     }
 

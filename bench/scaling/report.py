@@ -21,10 +21,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.dirname(HERE)
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
-from unet_report import loadavg, mem_available_gb  # noqa: E402  (shared bench helpers)
+from unet_report import loadavg, mem_available_gb, replace_section, train_command  # noqa: E402  (shared bench helpers)
 
 LORA_DIST = os.path.join(ROOT, ".build", "release", "lora-dist")
-HARNESS = os.path.join(ROOT, "cluster", "netns", "harness.sh")
 MODEL = os.path.join(BENCH, "out", "sdxl_bf16.safetensors")
 WORK = os.path.join(BENCH, "out", "scaling")
 RAW = os.path.join(BENCH, "out", "scaling_raw.jsonl")
@@ -93,13 +92,7 @@ def run(name, steps):
     rank, ranks, link, overlap, wire = RUNS[name]
     cfg, metrics_path = config(name, rank, steps, overlap, wire)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    if ranks == 1:
-        cmd = [LORA_DIST, "train", cfg]
-    elif link == "loopback":
-        cmd = ["mpirun", "-np", str(ranks), "--bind-to", "none", LORA_DIST, "train", cfg]
-    else:
-        inner = f'"$HARNESS" run "$HARNESS_ID" -np {ranks} --bind-to none -- "$0" train "$1"'
-        cmd = [HARNESS, "with", str(ranks), "--rate", link, "--", "sh", "-c", inner, LORA_DIST, cfg]
+    cmd = train_command(LORA_DIST, cfg, ranks, link)
     log_path = os.path.join(WORK, f"{name}.log")
     load0, mem0, t0 = loadavg(), mem_available_gb(), time.time()
     with open(log_path, "w") as log:
@@ -204,14 +197,7 @@ def write_section(results):
              "(no sch_netem here) and no spare core for the communication thread. The cost model carries these "
              "separately (γ, L, K) so its cluster table can set them to a real node's values.")
     L.append(END)
-    text = open(RESULTS).read()
-    section = "\n".join(L) + "\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(RESULTS, "w") as f:
-        f.write(text)
+    replace_section(RESULTS, BEGIN, END, L)
 
 
 def main():

@@ -34,13 +34,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.dirname(HERE)
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
-from unet_report import loadavg, machine_line, mem_available_gb, rss_kb  # noqa: E402  (shared bench helpers)
+from unet_report import loadavg, machine_line, mem_available_gb, replace_section, rss_kb, train_command  # noqa: E402  (shared bench helpers)
 
 TRAIN_BENCH = os.path.join(ROOT, ".build", "release", "TrainBench")
 UNET_BENCH = os.path.join(ROOT, ".build", "release", "lora-dist-unet-bench")
 LORA_DIST = os.path.join(ROOT, ".build", "release", "lora-dist")
 TORCH_TRAIN = os.path.join(HERE, "torch_train.py")
-HARNESS = os.path.join(ROOT, "cluster", "netns", "harness.sh")
 OUT_DIR = os.path.join(BENCH, "out")
 RAW = os.path.join(OUT_DIR, "train_raw.jsonl")
 WORK = os.path.join(OUT_DIR, "train_work")
@@ -199,14 +198,8 @@ def run_scale(name, raw):
     ranks, threads, wire, link, reso = RUNS[name]
     cfg, metrics_path = scale_config(name, threads, wire, reso)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    if ranks == 1:
-        cmd = [LORA_DIST, "train", cfg]
-    elif link == "local":
-        # Unbound ranks: the same scheduling freedom as the np = 1 run's two threads.
-        cmd = ["mpirun", "-np", str(ranks), "--bind-to", "none", LORA_DIST, "train", cfg]
-    else:
-        inner = f'"$HARNESS" run "$HARNESS_ID" -np {ranks} --bind-to none -- "$0" train "$1"'
-        cmd = [HARNESS, "with", str(ranks), "--rate", link, "--", "sh", "-c", inner, LORA_DIST, cfg]
+    # Unbound ranks locally: the same scheduling freedom as the np = 1 run's two threads.
+    cmd = train_command(LORA_DIST, cfg, ranks, link)
     err_path = os.path.join(OUT_DIR, f"train_scale_{name}.log")
     load0, t0 = loadavg(), time.time()
     with open(err_path, "w") as log_file:
@@ -460,14 +453,7 @@ def write_section(results, infos, meta):
     L.append("Observations (what the misses come from, build provenance, the bf16-under-load anomaly): "
              "bench/train/README.md. Raw lines: bench/out/train_raw.jsonl (not committed).")
     L.append(END)
-    section = "\n".join(L) + "\n"
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(RESULTS, "w") as f:
-        f.write(text)
+    replace_section(RESULTS, BEGIN, END, L)
 
 
 def aggregate_scale(rows):
