@@ -13,9 +13,9 @@ final class TrainingLoop {
     var rank: Int { communicator.rank }
 
     /// What the run has done so far in this process (the end summary).
-    private var communicationSeconds = 0.0, exposedCommunicationSeconds = 0.0, trainedSamples = 0
+    private var communicationSeconds = 0.0, trainedSamples = 0
     /// Whether the next step's all-reduce runs during backward (`overlap_reduction`; `auto` per `autoOverlap`).
-    private var overlapping = false, overlappedSteps = 0
+    private var overlapping = false, overlappedSteps = 0, overlappedCommunication = 0.0, overlappedExposed = 0.0
     private var autoOverlap: AutoOverlap?
 
     /// `overlap_reduction = "auto"`: this process's steps 2–3 reduce after backward, 4–5 during it (step 1 warms up:
@@ -154,7 +154,7 @@ final class TrainingLoop {
         let update = stages.update
         var lossAverage = average.value
         let overlapped = try stream?.finish(gradients: &gradients)
-        if overlapped != nil { overlappedSteps += 1 }
+
         let step = try update.apply(gradients: &gradients, lossSum: window.loss, samples: window.samples,
                                     nonFinite: window.nonFinite, parameters: &stages.network.parameters,
                                     step: position.optimizerSteps, reduced: overlapped?.stats, lock: stop?.lock) { step in
@@ -173,7 +173,11 @@ final class TrainingLoop {
         for i in gradients.indices { gradients[i] = 0 }
         communicationSeconds += step.reduce?.seconds ?? 0
         let exposed = overlapped?.exposedSeconds ?? step.reduce?.seconds ?? 0
-        exposedCommunicationSeconds += exposed
+        if let overlapped {
+            overlappedSteps += 1
+            overlappedCommunication += overlapped.stats.seconds
+            overlappedExposed += overlapped.exposedSeconds
+        }
         trainedSamples += step.samples
         if !step.applied && step.samples > 0 {
             progress?.note("step \(position.optimizerSteps): non-finite loss or gradient — step skipped (\(position.nonFiniteRun) in a row)")
@@ -194,7 +198,7 @@ final class TrainingLoop {
                 let m = try communicator.allReduce([Int64(after * 1e6), Int64(during * 1e6)], op: .max)
                 let (a, d) = (Double(m[0]) / 1e6, Double(m[1]) / 1e6)
                 overlapping = d < a
-                progress?.note(String(format: "overlap_reduction auto: %.2f s/step with the all-reduce after backward, %.2f s during it; ", a, d)
+                progress?.note(String(format: "overlap_reduction auto: %.4g s/step with the all-reduce after backward, %.4g s during it; ", a, d)
                     + (overlapping ? "overlapping from here on" : "after backward from here on"))
             } else {
                 overlapping = auto.overlaps(step: n + 1)
@@ -255,7 +259,8 @@ final class TrainingLoop {
         let summary = TrainingSummary(filesWritten: checkpointer.filesWritten, seconds: Date().timeIntervalSince(wallStart),
                                       images: trainedSamples, steps: position.optimizerSteps - startSteps, ranks: communicator.size,
                                       communicationSeconds: communicationSeconds,
-                                      exposedCommunicationSeconds: overlappedSteps > 0 ? exposedCommunicationSeconds : nil,
+                                      overlapped: overlappedSteps > 0 ? .init(steps: overlappedSteps, communicationSeconds: overlappedCommunication,
+                                                                                   exposedSeconds: overlappedExposed) : nil,
                                       skippedSteps: position.skippedSteps)
         for line in summary.lines() { say(line) }
         if case .stopped(let signal) = outcome {

@@ -226,16 +226,29 @@ public struct TrainingSummary: Sendable, Equatable {
     public var ranks: Int
     /// Total time in gradient all-reduce, when measured.
     public var communicationSeconds: Double?
-    /// The part of it the steps waited for (the rest overlapped backward); nil: all of it.
-    public var exposedCommunicationSeconds: Double?
+    /// The steps whose all-reduce ran during backward: how many, their communication time, and the part of it they
+    /// waited for after backward (the rest was hidden); nil: none did.
+    public var overlapped: Overlap?
+
+    public struct Overlap: Equatable, Sendable {
+        public var steps: Int
+        public var communicationSeconds: Double
+        public var exposedSeconds: Double
+        public init(steps: Int, communicationSeconds: Double, exposedSeconds: Double) {
+            self.steps = steps
+            self.communicationSeconds = communicationSeconds
+            self.exposedSeconds = exposedSeconds
+        }
+    }
     /// Steps skipped because the loss or gradient was not finite.
     public var skippedSteps: Int
 
     public init(
         filesWritten: [String], seconds: Double, images: Int, steps: Int, ranks: Int = 1,
-        communicationSeconds: Double? = nil, exposedCommunicationSeconds: Double? = nil, skippedSteps: Int = 0
+        communicationSeconds: Double? = nil, overlapped: Overlap? = nil,
+        skippedSteps: Int = 0
     ) {
-        self.exposedCommunicationSeconds = exposedCommunicationSeconds
+        self.overlapped = overlapped
         self.filesWritten = filesWritten
         self.seconds = seconds
         self.images = images
@@ -267,8 +280,9 @@ public struct TrainingSummary: Sendable, Equatable {
         if let communicationSeconds {
             let share = seconds > 0 ? 100 * communicationSeconds / seconds : 0
             var line = "communication " + TrainingProgress.formatInterval(communicationSeconds) + String(format: " (%.1f%% of the time)", share)
-            if let exposed = exposedCommunicationSeconds, communicationSeconds > 0 {
-                line += String(format: ", %.0f%% of it hidden behind backward", max(0, 100 * (1 - exposed / communicationSeconds)))
+            if let o = overlapped, o.steps > 0, o.communicationSeconds > 0 {
+                line += String(format: "; in the %d step%@ that overlapped it with backward, %.0f%% of it hidden behind backward",
+                               o.steps, o.steps == 1 ? "" : "s", max(0, 100 * (1 - o.exposedSeconds / o.communicationSeconds)))
             }
             out.append(line)
         }
