@@ -151,8 +151,20 @@ func runChecks(_ comm: MPICommunicator) throws {
 
 func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2 }
 
-func runBench(_ comm: MPICommunicator, floats: Int, reps: Int, level: Int32) throws {
-    let grads = gradient(rank: comm.rank, step: 0, count: floats, blockSize: 65536)
+/// `gradients`: a folder of real gradients (`lora-dist train` with LORA_DIST_BENCH_DUMP_GRADIENTS): rank r reduces
+/// rank<r mod n>-step<step>.f32 of the n ranks dumped there instead of the synthetic data; `floats` is then its size.
+func runBench(_ comm: MPICommunicator, floats: Int, reps: Int, level: Int32, gradients: String?, step: Int) throws {
+    var grads: [Float]
+    if let gradients {
+        let files = try FileManager.default.contentsOfDirectory(atPath: gradients).filter { $0.hasSuffix("-step\(step).f32") }
+        guard !files.isEmpty else { fail("no rank*-step\(step).f32 in \(gradients)", comm.rank) }
+        let data = try Data(contentsOf: URL(fileURLWithPath: gradients).appendingPathComponent("rank\(comm.rank % files.count)-step\(step).f32"))
+        grads = [Float](repeating: 0, count: data.count / 4)
+        _ = grads.withUnsafeMutableBytes { data.copyBytes(to: $0) }
+    } else {
+        grads = gradient(rank: comm.rank, step: 0, count: floats, blockSize: 65536)
+    }
+    let floats = grads.count
     let cases: [(WireFormat, GradientAllReduce.Algorithm)] = [(.none, .ring), (.fp32, .ring), (.fp32, .allGather), (.bf16, .ring), (.bf16, .allGather)]
     let reducers = try cases.map { try GradientAllReduce(communicator: comm, count: floats, format: $0.0, zstdLevel: level, algorithm: $0.1) }
     var times = [[Double]](repeating: [], count: cases.count)
@@ -171,7 +183,7 @@ func runBench(_ comm: MPICommunicator, floats: Int, reps: Int, level: Int32) thr
         for (k, c) in cases.enumerated() {
             let s = stats[k]!, m = median(times[k])
             let algo = c.0 == .none ? "MPI_Allreduce" : c.1.rawValue
-            print("{\"np\": \(comm.size), \"floats\": \(floats), \"format\": \"\(c.0.rawValue)\", \"algorithm\": \"\(algo)\", \"level\": \(level), \"reps\": \(reps), \"median_s\": \(m), \"min_s\": \(times[k].min()!), \"ratio\": \(s.compressionRatio), \"bytes_sent\": \(s.bytesSent), \"algbw_GBps\": \(Double(4 * floats) / m / 1e9)}")
+            print("{\"np\": \(comm.size), \"floats\": \(floats), \"data\": \"\(gradients == nil ? "synthetic" : "real step \(step)")\", \"format\": \"\(c.0.rawValue)\", \"algorithm\": \"\(algo)\", \"level\": \(level), \"reps\": \(reps), \"median_s\": \(m), \"min_s\": \(times[k].min()!), \"ratio\": \(s.compressionRatio), \"bytes_sent\": \(s.bytesSent), \"algbw_GBps\": \(Double(4 * floats) / m / 1e9)}")
         }
     }
 }
@@ -278,7 +290,10 @@ do {
     case "check": try runChecks(comm)
     case "sync": try runSyncChecks(comm)
     case "wait": try runWaitChecks(comm)
-    case "bench": try runBench(comm, floats: option("--floats", 1 << 20), reps: option("--reps", 3), level: Int32(option("--level", 1)))
+    case "bench":
+        let dir = args.firstIndex(of: "--gradients").flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil }
+        try runBench(comm, floats: option("--floats", 1 << 20), reps: option("--reps", 3), level: Int32(option("--level", 1)),
+                     gradients: dir, step: option("--step", 1))
     default:
         FileHandle.standardError.write("usage: MPIHarness check | sync | bench --floats N --reps R [--level L]\n".data(using: .utf8)!)
         exit(2)

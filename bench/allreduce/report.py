@@ -12,15 +12,66 @@ BEGIN, END = "<!-- allreduce-bench:begin -->", "<!-- allreduce-bench:end -->"
 LINK_ORDER = {"loopback": 0, "10gbit": 1, "1gbit": 2}
 
 
+REAL_BEGIN, REAL_END = "<!-- allreduce-real:begin -->", "<!-- allreduce-real:end -->"
+
+
+def tables(runs, L):
+    for key in sorted(runs, key=lambda k: (k[3], LINK_ORDER.get(k[0], 9), k[2], k[1])):
+        link, np_, floats, data = key
+        rows = runs[key]
+        base = rows.get(("none", "MPI_Allreduce"))
+        any_row = next(iter(rows.values()))
+        L.append(f"### {link}, np = {np_}, {floats / 1e6:.1f} M floats ({4 * floats / 1e6:.0f} MB)"
+                 + (f", {data}" if data != "synthetic" else "") + f", {any_row['reps']} reps")
+        L.append("")
+        L.append("| format | algorithm | median s (min) | ratio | MB sent / rank | algbw GB/s | vs MPI_Allreduce |")
+        L.append("|---|---|---|---|---|---|---|")
+        order = [("none", "MPI_Allreduce"), ("fp32", "ring"), ("fp32", "allGather"), ("bf16", "ring"), ("bf16", "allGather")]
+        for k in order + [k for k in rows if k not in order]:
+            if k not in rows:
+                continue
+            r = rows[k]
+            vs = f"{base['median_s'] / r['median_s']:.2f}×" if base else "—"
+            L.append(f"| {r['format']} | {r['algorithm']} | {r['median_s']:.3f} ({r['min_s']:.3f}) | {r['ratio']:.2f} | "
+                     f"{r['bytes_sent'] / 1e6:.1f} | {r['algbw_GBps']:.3f} | {vs} |")
+        L.append("")
+
+
+def write(dst, begin, end, L, after=None):
+    text = open(dst).read() if os.path.exists(dst) else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + "\n".join(L) + text[text.index(end) + len(end):]
+    elif after and after in text:
+        i = text.index(after) + len(after)
+        text = text[:i] + "\n\n" + "\n".join(L) + text[i:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(L) + "\n"
+    open(dst, "w").write(text)
+
+
 def main(src, dst):
-    runs = {}
+    runs, real = {}, {}
     for line in open(src):
         line = line.strip()
         if not line.startswith("{"):
             continue
         row = json.loads(line)
-        key = (row["link"], row["np"], row["floats"])
-        runs.setdefault(key, {})[(row["format"], row["algorithm"])] = row  # newest wins
+        data = row.get("data", "synthetic")
+        key = (row["link"], row["np"], row["floats"], data)
+        (runs if data == "synthetic" else real).setdefault(key, {})[(row["format"], row["algorithm"])] = row  # newest wins
+    if real:
+        R = [REAL_BEGIN, "### On real LoRA gradients", ""]
+        R.append("The same benchmark on gradients dumped from `lora-dist train` (SDXL, the bench/scaling config: rank "
+                 "16, bf16 compute, 512², batch 1 per rank, two ranks; `LORA_DIST_BENCH_DUMP_GRADIENTS`): each rank "
+                 "reduces its own rank's local gradient sums of that optimizer step (`bench/allreduce/run.sh "
+                 "--gradients DIR --steps \"1 5\"`). Step 1: LoRA-B is still zero, so half the gradient (B's "
+                 "inputs' side) is exact zeros; later steps are what a run sends.")
+        R.append("")
+        tables(real, R)
+        R.append(REAL_END)
+        write(dst, REAL_BEGIN, REAL_END, R, after=END)
+    if not runs:
+        return
     L = [BEGIN, "## Gradient all-reduce", ""]
     L.append("`bench/allreduce/run.sh` (MPIHarness `bench` mode): `GradientAllReduce.average` on one flat fp32 buffer, "
              "every case in the same mpirun, interleaved rep by rep, plain `MPI_Allreduce` (`none`) as the baseline. "
@@ -43,32 +94,9 @@ def main(src, dst):
     notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes.md")
     if os.path.exists(notes):  # hand-written reading of the numbers (the `.auto` rule, netns caveats)
         L += [open(notes).read().strip(), ""]
-    for key in sorted(runs, key=lambda k: (LINK_ORDER.get(k[0], 9), k[2], k[1])):
-        link, np_, floats = key
-        rows = runs[key]
-        base = rows.get(("none", "MPI_Allreduce"))
-        any_row = next(iter(rows.values()))
-        L.append(f"### {link}, np = {np_}, {floats / 1e6:.1f} M floats ({4 * floats / 1e6:.0f} MB), "
-                 f"{any_row['reps']} reps")
-        L.append("")
-        L.append("| format | algorithm | median s (min) | ratio | MB sent / rank | algbw GB/s | vs MPI_Allreduce |")
-        L.append("|---|---|---|---|---|---|---|")
-        order = [("none", "MPI_Allreduce"), ("fp32", "ring"), ("fp32", "allGather"), ("bf16", "ring"), ("bf16", "allGather")]
-        for k in order + [k for k in rows if k not in order]:
-            if k not in rows:
-                continue
-            r = rows[k]
-            vs = f"{base['median_s'] / r['median_s']:.2f}×" if base else "—"
-            L.append(f"| {r['format']} | {r['algorithm']} | {r['median_s']:.3f} ({r['min_s']:.3f}) | {r['ratio']:.2f} | "
-                     f"{r['bytes_sent'] / 1e6:.1f} | {r['algbw_GBps']:.3f} | {vs} |")
-        L.append("")
+    tables(runs, L)
     L.append(END)
-    text = open(dst).read() if os.path.exists(dst) else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + "\n".join(L) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(L) + "\n"
-    open(dst, "w").write(text)
+    write(dst, BEGIN, END, L)
 
 
 if __name__ == "__main__":

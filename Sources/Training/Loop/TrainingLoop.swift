@@ -53,6 +53,12 @@ final class TrainingLoop {
     static let testKillAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_KILL_AT_STEP"].flatMap { Int($0) }
     static let testSignalAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_SIGNAL_AT_STEP"].flatMap { Int($0) }
     static let testStallAtStep = ProcessInfo.processInfo.environment["LORA_DIST_TEST_STALL_AT_STEP"].flatMap { Int($0) }
+    /// Bench hook (LORA_DIST_BENCH_DUMP_GRADIENTS=DIR, LORA_DIST_BENCH_DUMP_STEPS=1,5): every rank writes its own
+    /// gradient sums of those optimizer steps, before the all-reduce, as raw little-endian fp32
+    /// (DIR/rank<r>-step<s>.f32), so that the all-reduce benchmark runs on real LoRA gradients (bench/allreduce).
+    static let benchDumpDirectory = ProcessInfo.processInfo.environment["LORA_DIST_BENCH_DUMP_GRADIENTS"]
+    static let benchDumpSteps = Set((ProcessInfo.processInfo.environment["LORA_DIST_BENCH_DUMP_STEPS"] ?? "1")
+        .split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) })
     /// The slowest optimizer step so far (seconds): collectives wait `collective_timeout` beyond twice it.
     private var slowestStep = 0.0
 
@@ -104,6 +110,13 @@ final class TrainingLoop {
                 window.samples += samples
                 position.nextStep += 1
                 guard last else { continue }
+                if let dir = Self.benchDumpDirectory, Self.benchDumpSteps.contains(position.optimizerSteps + 1) {
+                    // The local sums are still in `gradients` here (an overlapped stream copied them out; `finish` writes
+                    // the reduced values back in optimizerStep).
+                    let url = URL(fileURLWithPath: dir).appendingPathComponent("rank\(rank)-step\(position.optimizerSteps + 1).f32")
+                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                    try gradients.withUnsafeBytes { Data($0) }.write(to: url)
+                }
 
                 try optimizerStep(&gradients, window: window, position: &position, metrics: metrics, progress: progress,
                                   stream: stream)
