@@ -81,7 +81,7 @@ let package = Package(
         .executableTarget(
             name: "LoraDist",
             dependencies: [
-                "Tensor", "SafeTensors", "SDXL", "Distributed", "Dataset", "Training",
+                "Base", "Tensor", "SafeTensors", "SDXL", "Distributed", "Dataset", "Training",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Base
 import Distributed
 import Foundation
 import Logging
@@ -30,6 +31,7 @@ struct EngineOptions: ParsableArguments {
 
     /// Sets the thread count and loads OpenBLAS on its fastest kernel (see BLAS.chooseCore).
     func apply() {
+        Memory.keepFreedBlocks()
         // Must happen before OpenBLAS is loaded (Threads.set loads it).
         if let core = blasCore { setenv(BLAS.overrideVariable, core, 1) }
         Threads.set(threads ?? EngineOptions.defaultThreads())

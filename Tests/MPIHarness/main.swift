@@ -280,6 +280,7 @@ func runWaitChecks(_ comm: MPICommunicator) throws {
 }
 
 let args = CommandLine.arguments
+Memory.keepFreedBlocks()   // as lora-dist does (EngineOptions.apply): the bench measures what training runs
 let comm = try MPICommunicator()
 func option(_ name: String, _ fallback: Int) -> Int {
     if let i = args.firstIndex(of: name), i + 1 < args.count, let v = Int(args[i + 1]) { return v }
