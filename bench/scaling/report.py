@@ -136,7 +136,9 @@ def write_section(results):
              "loopback (Open MPI shared memory) or two network namespaces joined by tbf-shaped veth links "
              "(cluster/netns/harness.sh, TCP). `overlap` = buckets reduced during backward on a communication thread "
              "(`overlap_reduction = true`); `after` = `false` (the default, `\"auto\"`, times both in each run and "
-             "keeps the faster). Medians over the steps after the first "
+             "keeps the faster). Measured before lora-dist kept freed memory in the heap (`Memory.keepFreedBlocks`, which "
+             "halved the all-reduce's own time: \"On real LoRA gradients\" above); the communication columns would be "
+             "lower now. Medians over the steps after the first "
              "(first step: lazy allocation, cache warm-up); every step in brackets.")
     L.append("")
     L.append("| run | ranks | link | wire | reduction | step s (each) | images/s | comm s | exposed s | hidden | wire ratio | "
