@@ -26,7 +26,8 @@ from unet_report import loadavg, mem_available_gb, replace_section, train_comman
 LORA_DIST = os.path.join(ROOT, ".build", "release", "lora-dist")
 MODEL = os.path.join(BENCH, "out", "sdxl_bf16.safetensors")
 WORK = os.path.join(BENCH, "out", "scaling")
-RAW = os.path.join(BENCH, "out", "scaling_raw.jsonl")
+# SCALING_RAW: another raw file (a rerun kept apart from the table's runs).
+RAW = os.environ.get("SCALING_RAW", os.path.join(BENCH, "out", "scaling_raw.jsonl"))
 RESULTS = os.path.join(BENCH, "RESULTS.md")
 BEGIN, END = "<!-- scaling:begin -->", "<!-- scaling:end -->"
 
@@ -230,7 +231,8 @@ def main():
             with open(RAW, "w") as f:
                 for x in results:
                     f.write(json.dumps(x) + "\n")
-    write_section(results)
+    if "SCALING_RAW" not in os.environ:
+        write_section(results)
 
 
 if __name__ == "__main__":
