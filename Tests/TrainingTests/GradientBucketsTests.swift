@@ -53,5 +53,11 @@ extension TextEncoderLoRATests {
             XCTAssertGreaterThan(stream.handedOverDuringBackward, buckets.buckets.count / 2, "checkpointing \(checkpointing)")
             XCTAssertEqual(outcome.stats.bytesSent, 0)   // one rank: nothing on the wire
         }
+        // An error before any bucket was handed over: abandoning stops the communication thread (it would otherwise
+        // wait for bucket 0 forever) and turns the use recording off.
+        let dropped = GradientBuckets.Stream(buckets)
+        XCTAssertTrue(net.recordingUses)
+        dropped.abandon()
+        XCTAssertFalse(net.recordingUses)
     }
 }

@@ -529,7 +529,7 @@ extension TrainingConfig {
             else { throw bad("true, false or \"auto\"") }
         case "bucket_mb":
             guard let d = v.double ?? v.int.map(Double.init) else { throw bad("a number of megabytes, e.g. 25") }
-            guard d > 0 else { throw bad("a number of megabytes > 0, e.g. 25") }
+            guard d > 0, d <= 4096 else { throw bad("a number of megabytes > 0 and ≤ 4096, e.g. 25") }
             lora.bucketMB = d
         default: preconditionFailure("loraDistKinds has \(key) but applyLoraDist does not")
         }

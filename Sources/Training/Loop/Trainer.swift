@@ -174,7 +174,9 @@ final class TrainingStages {
             case .off: overlap = false
             case .auto: overlap = true   // built; the loop measures both ways and keeps the faster (TrainingLoop)
             }
-            if overlap && !communicator.callsFromAnyThread {
+            // Every rank must take the same path (per-bucket collectives or one): agreed, one small collective.
+            let threadsOK = try communicator.allReduce([communicator.callsFromAnyThread ? 0 : 1], op: .max)[0] == 0
+            if overlap && !threadsOK {
                 say("overlap_reduction: this MPI library does not allow calls from a second thread (MPI_THREAD_SERIALIZED); the gradient is reduced after backward")
                 overlap = false
             }
@@ -204,18 +206,23 @@ final class TrainingStages {
 
     /// Stages 2 and 3 for this rank's share of micro-step `stepIndex`: (Σ per-sample losses, samples), the gradient
     /// sums added into `gradients`.
-    /// `stream`: the overlapped all-reduce, on the window's last micro-step (it is completed here in every case).
+    /// `stream`: the overlapped all-reduce, on the window's last micro-step (completed here unless this throws; the
+    /// caller then abandons it).
     func microStep(_ epochPlan: EpochPlan, stepIndex: Int, gradients: inout [Float],
                    stream: GradientBuckets.Stream? = nil) throws -> (lossSum: Double, samples: Int) {
-        defer { stream?.complete(grads: nil, gradients: &gradients) }
-        guard let batch = try batches.batch(epochPlan, stepIndex: stepIndex, rank: rank) else { return (0, 0) }
+        guard let batch = try batches.batch(epochPlan, stepIndex: stepIndex, rank: rank) else {
+            stream?.complete(grads: nil, gradients: &gradients)
+            return (0, 0)
+        }
         if let seconds = Self.testStepDelay { Thread.sleep(forTimeInterval: seconds) }
         network.training = true
         network.dropoutSeed = RunRandom.mix([plan.seed, RunRandom.Stream.dropout.rawValue, UInt64(epochPlan.epoch),
                                              UInt64(stepIndex), UInt64(rank)])
-        return TrainingStep.run(batch, unet: unet, network: network, text: text, sizeEmbedDim: checkpoint.sizeEmbedDim ?? 256,
-                                schedule: noiseSchedule, loss: lossOptions, checkpointing: config.gradientCheckpointing,
-                                gradients: &gradients, stream: stream)
+        let result = TrainingStep.run(batch, unet: unet, network: network, text: text, sizeEmbedDim: checkpoint.sizeEmbedDim ?? 256,
+                                      schedule: noiseSchedule, loss: lossOptions, checkpointing: config.gradientCheckpointing,
+                                      gradients: &gradients, stream: stream)
+        stream?.complete(grads: nil, gradients: &gradients)
+        return result
     }
 
     /// The start-up lines rank 0 prints.

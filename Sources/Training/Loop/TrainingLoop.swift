@@ -104,7 +104,13 @@ final class TrainingLoop {
                 // The window's last micro-step reduces its gradient during backward (overlap_reduction).
                 let last = epochPlan.steps[index].applyOptimizer
                 let stream = last && overlapping ? stages.buckets.map { GradientBuckets.Stream($0) } : nil
-                let (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients, stream: stream)
+                let (lossSum, samples): (Double, Int)
+                do {
+                    (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients, stream: stream)
+                } catch {
+                    stream?.abandon()   // no bucket reaches MPI while this thread unwinds to MPI_Abort
+                    throw error
+                }
                 window.nonFinite = window.nonFinite || !lossSum.isFinite
                 window.loss += lossSum
                 window.samples += samples
@@ -118,13 +124,19 @@ final class TrainingLoop {
                     try gradients.withUnsafeBytes { Data($0) }.write(to: url)
                 }
 
-                try optimizerStep(&gradients, window: window, position: &position, metrics: metrics, progress: progress,
-                                  stream: stream)
-                window = Window()
+                do {
+                    try optimizerStep(&gradients, window: window, position: &position, metrics: metrics, progress: progress,
+                                      stream: stream)
+                } catch {
+                    stream?.abandon()
+                    throw error
+                }
                 if try events(position, progress: progress) {
                     outcome = .stopped(signal: StopSignal.pendingSignal)
                     break training
                 }
+                // After the checks and saves: a step's time is its own (the auto overlap choice compares them).
+                window = Window()
             }
             if position.nextStep >= epochPlan.steps.count {
                 position.epoch += 1

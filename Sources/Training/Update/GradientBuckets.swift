@@ -121,10 +121,11 @@ final class GradientBuckets {
         /// from `grads` (when a backward ran), then every bucket not yet handed over.
         func complete(grads: GradStore?, gradients: inout [Float]) {
             owner.network.recordingUses = false
-            if armed, let grads {
+            let finalizeRest = armed
+            armed = false   // what is handed over from here on was not overlapped
+            if finalizeRest, let grads {
                 while next < order.count { finalize(order[next], grads: grads, gradients: &gradients); next += 1 }
             }
-            armed = false
             for k in owner.buckets.indices where !submitted[k] { submit(k, gradients) }
         }
 
@@ -144,6 +145,14 @@ final class GradientBuckets {
             values.reserveCapacity(owner.buckets[k].count)
             for r in owner.buckets[k].segments { values.append(contentsOf: gradients[r]) }
             worker.submit(k, values)
+        }
+
+        /// On an error between `init` and `finish`: buckets not yet started are dropped, and this returns once the
+        /// communication thread has stopped (it ends the bucket in progress, or times out with the collective timeout),
+        /// so that it makes no MPI call while the main thread ends the run.
+        func abandon() {
+            owner.network.recordingUses = false
+            worker.cancel()
         }
 
         /// Waits for the last bucket and writes the reduced values into `gradients`. Call after `complete`.
@@ -168,6 +177,7 @@ final class GradientBuckets {
         private var results: [[Float]]
         private var done = false
         private var failure: Error?
+        private var cancelled = false
         private var stats: GradientAllReduce.Stats
 
         init(reducer: GradientAllReduce, buckets: [Bucket]) {
@@ -186,10 +196,25 @@ final class GradientBuckets {
             cond.unlock()
         }
 
+        /// Stops before the next bucket; returns when the thread is done.
+        func cancel() {
+            cond.lock()
+            defer { cond.unlock() }
+            cancelled = true
+            cond.broadcast()
+            while !done { cond.wait() }
+        }
+
         private func run(reducer: GradientAllReduce, buckets: [Bucket]) {
             for k in buckets.indices {
                 cond.lock()
-                while inbox[k] == nil { cond.wait() }
+                while inbox[k] == nil && !cancelled { cond.wait() }
+                if cancelled {
+                    done = true
+                    cond.broadcast()
+                    cond.unlock()
+                    return
+                }
                 var values = inbox.removeValue(forKey: k)!
                 cond.unlock()
                 do {
