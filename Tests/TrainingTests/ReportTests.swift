@@ -1,4 +1,3 @@
-import Base
 import Foundation
 import XCTest
 
@@ -81,7 +80,7 @@ final class ReportTests: XCTestCase {
         let files = try FileManager.default.contentsOfDirectory(atPath: tbDir.path)
         XCTAssertEqual(files.count, 1)
         let name = try XCTUnwrap(files.first)
-        XCTAssertTrue(name.hasPrefix("events.out.tfevents.\(Int(clock[0])).\(Host.name())."), name)
+        XCTAssertTrue(name.hasPrefix("events.out.tfevents.\(Int(clock[0])).\(TensorBoardEventWriter.hostname())."), name)
         let ours = try [UInt8](Data(contentsOf: tbDir.appendingPathComponent(name)))
         let golden = try [UInt8](Data(contentsOf: Self.fixtures.appendingPathComponent("tfevents_golden.bin")))
         if ours != golden {

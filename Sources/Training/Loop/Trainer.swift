@@ -167,13 +167,9 @@ final class TrainingStages {
         let reducer = try GradientAllReduce(communicator: communicator, count: network.parameterCount, format: config.lora.wireFormat)
         update = GradientUpdate(communicator: communicator, reducer: reducer, optimizer: optimizer, schedule: schedule,
                                 baseLearningRates: rates, maxGradNorm: config.maxGradNorm)
-        var overlap = false
+        // Built for `true` and `auto` (the loop measures both ways and keeps the faster: TrainingLoop.AutoOverlap).
+        var overlap = communicator.size > 1 && config.lora.overlapReduction != .off
         if communicator.size > 1 {
-            switch config.lora.overlapReduction {
-            case .on: overlap = true
-            case .off: overlap = false
-            case .auto: overlap = true   // built; the loop measures both ways and keeps the faster (TrainingLoop)
-            }
             // Every rank must take the same path (per-bucket collectives or one): agreed, one small collective.
             let threadsOK = try communicator.allReduce([communicator.callsFromAnyThread ? 0 : 1], op: .max)[0] == 0
             if overlap && !threadsOK {

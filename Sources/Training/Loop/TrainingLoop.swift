@@ -104,31 +104,18 @@ final class TrainingLoop {
                 // The window's last micro-step reduces its gradient during backward (overlap_reduction).
                 let last = epochPlan.steps[index].applyOptimizer
                 let stream = last && overlapping ? stages.buckets.map { GradientBuckets.Stream($0) } : nil
-                let (lossSum, samples): (Double, Int)
                 do {
-                    (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients, stream: stream)
-                } catch {
-                    stream?.abandon()   // no bucket reaches MPI while this thread unwinds to MPI_Abort
-                    throw error
-                }
-                window.nonFinite = window.nonFinite || !lossSum.isFinite
-                window.loss += lossSum
-                window.samples += samples
-                position.nextStep += 1
-                guard last else { continue }
-                if let dir = Self.benchDumpDirectory, Self.benchDumpSteps.contains(position.optimizerSteps + 1) {
-                    // The local sums are still in `gradients` here (an overlapped stream copied them out; `finish` writes
-                    // the reduced values back in optimizerStep).
-                    let url = URL(fileURLWithPath: dir).appendingPathComponent("rank\(rank)-step\(position.optimizerSteps + 1).f32")
-                    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-                    try gradients.withUnsafeBytes { Data($0) }.write(to: url)
-                }
-
-                do {
+                    let (lossSum, samples) = try stages.microStep(epochPlan, stepIndex: index, gradients: &gradients, stream: stream)
+                    window.nonFinite = window.nonFinite || !lossSum.isFinite
+                    window.loss += lossSum
+                    window.samples += samples
+                    position.nextStep += 1
+                    guard last else { continue }
+                    try dumpForBench(gradients, step: position.optimizerSteps + 1)
                     try optimizerStep(&gradients, window: window, position: &position, metrics: metrics, progress: progress,
                                       stream: stream)
                 } catch {
-                    stream?.abandon()
+                    stream?.abandon()   // no bucket reaches MPI while this thread unwinds to MPI_Abort
                     throw error
                 }
                 if try events(position, progress: progress) {
@@ -171,6 +158,15 @@ final class TrainingLoop {
         resumedFrom = restored.url.path
         say("resumed from \(restored.url.path) at step \(position.optimizerSteps)/\(stages.plan.totalSteps) (epoch \(position.epoch + 1))")
         return position
+    }
+
+    /// The bench hook's dump of this rank's local gradient sums of optimizer step `step` (1-based). They are still in
+    /// `gradients` here: an overlapped stream copied them out, and `finish` writes the reduced values back later.
+    private func dumpForBench(_ gradients: [Float], step: Int) throws {
+        guard let dir = Self.benchDumpDirectory, Self.benchDumpSteps.contains(step) else { return }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let url = URL(fileURLWithPath: dir).appendingPathComponent("rank\(rank)-step\(step).f32")
+        try gradients.withUnsafeBytes { Data($0) }.write(to: url)
     }
 
     /// Stage 4 on the window's gradient sums, then its bookkeeping: the non-finite rule, metrics, progress.

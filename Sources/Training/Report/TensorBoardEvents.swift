@@ -1,4 +1,3 @@
-import Base
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -139,7 +138,7 @@ public final class TensorBoardEventWriter {
         } catch {
             throw MetricsError("cannot create the TensorBoard log directory \(directory.path): \(error.localizedDescription)")
         }
-        let name = String(format: "events.out.tfevents.%010d.%@.%d", Int(wallTime), Host.name(), Int(getpid()))
+        let name = String(format: "events.out.tfevents.%010d.%@.%d", Int(wallTime), Self.hostname(), Int(getpid()))
         try self.init(file: directory.appendingPathComponent(name), wallTime: wallTime, writer: writer)
     }
 
@@ -170,6 +169,13 @@ public final class TensorBoardEventWriter {
         do { try handle.write(contentsOf: bytes) } catch {
             throw MetricsError("cannot write the TensorBoard event file \(url.path): \(error.localizedDescription) (disk full?)")
         }
+    }
+
+    static func hostname() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
+        let name = String(cString: buffer)
+        return name.isEmpty ? "localhost" : name
     }
 }
 

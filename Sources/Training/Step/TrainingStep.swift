@@ -34,15 +34,10 @@ public enum TrainingStep {
                                           sampleWeights: sampleWeights, schedule: schedule, options: options)
         guard loss.loss.isFinite else { return (loss.loss, loss.perSample) }
         // d(Σ per-sample losses)/d(prediction) = B · d(batch mean)/d(prediction).
-        guard let stream else {
-            let grads = tape.backward(from: prediction, seed: Elementwise.scale(loss.gradient, Float(b)))
-            network.accumulateGradients(grads, into: &gradients)
-            return (loss.loss, loss.perSample)
-        }
         let grads = tape.backward(from: prediction, seed: Elementwise.scale(loss.gradient, Float(b))) { remaining, g in
-            stream.progress(remaining: remaining, grads: g, gradients: &gradients)
+            stream?.progress(remaining: remaining, grads: g, gradients: &gradients)
         }
-        stream.complete(grads: grads, gradients: &gradients)
+        if let stream { stream.complete(grads: grads, gradients: &gradients) } else { network.accumulateGradients(grads, into: &gradients) }
         return (loss.loss, loss.perSample)
     }
 

@@ -79,7 +79,9 @@ final class GradientBuckets {
     final class Stream {
         private let owner: GradientBuckets
         private let worker: Worker
-        /// Modules by first use, latest first (the order backward finishes them); `next` indexes it.
+        /// The forward's first use of each module (`LoRANetwork.firstUse`), and the modules by it, latest first (the
+        /// order backward finishes them); `next` indexes `order`.
+        private var firstUse: [Int] = []
         private var order: [Int] = []
         private var next = 0
         private var pending: [Int]
@@ -98,10 +100,9 @@ final class GradientBuckets {
 
         /// Between forward and backward: stops the use recording and orders the modules for `progress`.
         func forwardDone() {
-            let network = owner.network
-            network.recordingUses = false
-            let first = network.firstUse
-            order = first.indices.sorted { (first[$0], $0) > (first[$1], $1) }
+            owner.network.recordingUses = false
+            firstUse = owner.network.firstUse
+            order = firstUse.indices.sorted { (firstUse[$0], $0) > (firstUse[$1], $1) }
             next = 0
             armed = true
         }
@@ -110,8 +111,7 @@ final class GradientBuckets {
         /// `remaining` has its final gradient in `grads`; add it to `gradients` and hand over the buckets it completes.
         func progress(remaining: Int, grads: GradStore, gradients: inout [Float]) {
             guard armed else { return }
-            let first = owner.network.firstUse
-            while next < order.count && first[order[next]] >= remaining {
+            while next < order.count && firstUse[order[next]] >= remaining {
                 finalize(order[next], grads: grads, gradients: &gradients)
                 next += 1
             }
@@ -206,17 +206,18 @@ final class GradientBuckets {
         }
 
         private func run(reducer: GradientAllReduce, buckets: [Bucket]) {
+            defer {
+                cond.lock()
+                done = true
+                cond.broadcast()
+                cond.unlock()
+            }
             for k in buckets.indices {
                 cond.lock()
                 while inbox[k] == nil && !cancelled { cond.wait() }
-                if cancelled {
-                    done = true
-                    cond.broadcast()
-                    cond.unlock()
-                    return
-                }
-                var values = inbox.removeValue(forKey: k)!
+                let next = cancelled ? nil : inbox.removeValue(forKey: k)
                 cond.unlock()
+                guard var values = next else { return }
                 do {
                     let s = try reducer.sum(&values, segments: buckets[k].segments)
                     cond.lock()
@@ -228,16 +229,10 @@ final class GradientBuckets {
                 } catch {
                     cond.lock()
                     failure = error
-                    done = true
-                    cond.broadcast()
                     cond.unlock()
                     return
                 }
             }
-            cond.lock()
-            done = true
-            cond.broadcast()
-            cond.unlock()
         }
 
         func finish() throws -> ([[Float]], GradientAllReduce.Stats) {
