@@ -74,6 +74,16 @@ static inline VipsImage *lora_vips_from_rgb(const void *data, size_t size, int w
     return vips_image_new_from_memory_copy(data, size, width, height, 3, VIPS_FORMAT_UCHAR);
 }
 static inline int lora_vips_pngsave(VipsImage *in, const char *path) { return vips_pngsave(in, path, NULL); }
+/// A string field; pngsave writes a field named "png-comment-N-KEY" as a PNG text chunk KEY (N orders them).
+/// A string field's value (owned by the image), NULL when absent.
+static inline const char *lora_vips_get_string(VipsImage *image, const char *name) {
+    const char *out = NULL;
+    if (vips_image_get_typeof(image, name) == 0 || vips_image_get_string(image, name, &out) != 0) { vips_error_clear(); return NULL; }
+    return out;
+}
+static inline void lora_vips_set_string(VipsImage *image, const char *name, const char *value) {
+    vips_image_set_string(image, name, value);
+}
 
 static inline void lora_vips_unref(VipsImage *image) { if (image) g_object_unref(image); }
 static inline void lora_vips_free(void *p) { g_free(p); }

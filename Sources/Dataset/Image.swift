@@ -171,8 +171,21 @@ public enum ImageIO {
         return DecodedImage(width: crop.width, height: crop.height, rgb: rgb)
     }
 
-    /// Write 8-bit RGB (HWC) as a PNG.
-    public static func writePNG(_ rgb: [UInt8], width: Int, height: Int, to path: String) throws {
+    /// A PNG's text chunk `key` (tEXt, zTXt or iTXt, as libvips reads them into png-comment-<n>-<key>), nil when absent.
+    public static func pngText(_ path: String, key: String) throws -> String? {
+        try ensureInit()
+        guard let image = lora_vips_open_header(path) else { throw failure(path, "cannot open") }
+        defer { lora_vips_unref(image) }
+        for n in 0..<64 {
+            if let value = lora_vips_get_string(image, "png-comment-\(n)-\(key)") { return String(cString: value) }
+        }
+        return nil
+    }
+
+    /// Write 8-bit RGB (HWC) as a PNG, with `text` as PNG text chunks (keyword, text) in order — e.g. A1111's
+    /// "parameters", which A1111's PNG Info, ComfyUI and most image viewers read.
+    public static func writePNG(_ rgb: [UInt8], width: Int, height: Int, text: [(key: String, value: String)] = [],
+                                to path: String) throws {
         try ensureInit()
         guard width > 0, height > 0, rgb.count == width * height * 3 else {
             throw DatasetError("\(path): \(width)x\(height) RGB needs \(width * height * 3) bytes, got \(rgb.count)")
@@ -180,6 +193,10 @@ public enum ImageIO {
         let image = rgb.withUnsafeBytes { lora_vips_from_rgb($0.baseAddress, $0.count, Int32(width), Int32(height)) }
         guard let image else { throw failure(path, "cannot wrap pixels") }
         defer { lora_vips_unref(image) }
+        for (i, chunk) in text.enumerated() {
+            // libvips (vips_image_map in the PNG savers) turns png-comment-<n>-<key> fields into text chunks.
+            lora_vips_set_string(image, "png-comment-\(i)-\(chunk.key)", chunk.value)
+        }
         guard lora_vips_pngsave(image, path) == 0 else { throw failure(path, "cannot write PNG") }
     }
 }

@@ -10,7 +10,7 @@ struct LoraDist: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lora-dist",
         abstract: "Distributed LoRA training for SDXL-family models on CPU ranks.",
-        subcommands: [Info.self, Demo.self, MakeModel.self, Inspect.self, Eval.self, DistributedCheck.self, DatasetCommand.self, CacheCommand.self, TrainCommand.self, ExportCommand.self])
+        subcommands: [Info.self, Demo.self, MakeModel.self, Inspect.self, Eval.self, DistributedCheck.self, DatasetCommand.self, CacheCommand.self, TrainCommand.self, ExportCommand.self, GenerateCommand.self])
 }
 
 /// Options every command that computes shares.

@@ -30,7 +30,9 @@ public final class TrainingProgress {
     /// The bar as last drawn (terminal) and the state it was drawn from.
     private var lastBar: String?
     private var lastDrawTime = -Double.infinity
-    private var latest: (step: Int, loss: Double, extra: String)?
+    private var latest: (step: Int, loss: Double?, extra: String)?
+    /// The bar's leading word ("steps" in training; e.g. "image 2/8" for a generated image's sampling steps).
+    public let label: String
     private var drawnStep: Int?
     private var finished = false
 
@@ -41,12 +43,13 @@ public final class TrainingProgress {
     /// - clock: monotonic seconds (injected by tests).
     /// - output: receives exact text to write (it includes the `\r` / `\n`); default: stdout, flushed.
     public init(
-        total: Int, startStep: Int = 0, isTerminal: Bool? = nil, logEvery: Int = 10, columns: Int? = nil,
+        total: Int, startStep: Int = 0, isTerminal: Bool? = nil, logEvery: Int = 10, columns: Int? = nil, label: String = "steps",
         clock: @escaping () -> Double = TrainingProgress.monotonicSeconds,
         output: @escaping (String) -> Void = TrainingProgress.writeToStdout
     ) {
         self.total = max(total, 0)
         self.startStep = startStep
+        self.label = label
         self.isTerminal = isTerminal ?? Self.drawsBar()
         self.logEvery = max(logEvery, 1)
         self.columns = columns ?? (self.isTerminal ? Self.terminalColumns() : nil)
@@ -74,7 +77,7 @@ public final class TrainingProgress {
 
     /// After optimizer step `step` (1-based). `loss` is shown as avr_loss: pass `StepMetrics.lossAverage`.
     /// `extra` is appended as is (e.g. "lr=1e-4").
-    public func update(step: Int, loss: Double, extra: String = "") {
+    public func update(step: Int, loss: Double?, extra: String = "") {
         guard !finished else { return }
         let isFirst = latest == nil
         latest = (step, loss, extra)
@@ -142,21 +145,21 @@ public final class TrainingProgress {
         return done > 0 && elapsed > 0 ? Double(done) / elapsed : nil
     }
 
-    func barLine(step: Int, loss: Double, extra: String, elapsed: Double, barWidth: Int) -> String {
+    func barLine(step: Int, loss: Double?, extra: String, elapsed: Double, barWidth: Int) -> String {
         let fraction = total > 0 ? min(max(Double(step) / Double(total), 0), 1) : 1
         let rate = rate(step: step, elapsed: elapsed)
         let eta = rate.map { Self.formatInterval(Double(max(total - step, 0)) / $0) } ?? "?"
         let percent = String(format: "%3d%%", percent(step))
-        var postfix = "avr_loss=\(Self.formatLoss(loss))"
-        if !extra.isEmpty { postfix += ", " + extra }
-        return "steps: \(percent)|\(Self.bar(fraction, width: barWidth))| \(step)/\(total) "
-            + "[\(Self.formatInterval(elapsed))<\(eta), \(Self.formatRate(rate)), \(postfix)]"
+        let postfix = ([loss.map { "avr_loss=\(Self.formatLoss($0))" }] + [extra.isEmpty ? nil : extra]).compactMap { $0 }
+        return "\(label): \(percent)|\(Self.bar(fraction, width: barWidth))| \(step)/\(total) "
+            + "[\(Self.formatInterval(elapsed))<\(eta), \(Self.formatRate(rate))\(postfix.map { ", " + $0 }.joined())]"
     }
 
-    func plainLine(step: Int, loss: Double, extra: String, elapsed: Double) -> String {
+    func plainLine(step: Int, loss: Double?, extra: String, elapsed: Double) -> String {
         let rate = rate(step: step, elapsed: elapsed)
         let eta = rate.map { Self.formatInterval(Double(max(total - step, 0)) / $0) } ?? "?"
-        var line = "step \(step)/\(total) (\(percent(step))%), avr_loss \(Self.formatLoss(loss)), "
+        let unit = label == "steps" ? "step" : label + ": step"
+        var line = "\(unit) \(step)/\(total) (\(percent(step))%), " + (loss.map { "avr_loss \(Self.formatLoss($0)), " } ?? "")
             + "\(Self.formatRate(rate, padded: false)), elapsed \(Self.formatInterval(elapsed)), eta \(eta)"
         if !extra.isEmpty { line += ", " + extra }
         return line

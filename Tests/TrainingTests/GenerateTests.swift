@@ -1,0 +1,95 @@
+import Crypto
+import Dataset
+import Foundation
+import SafeTensors
+import Tensor
+import TestSupport
+import XCTest
+@testable import Training
+
+/// `lora-dist generate` against diffusers' StableDiffusionXLPipeline. Fixtures: Tests/Fixtures/sampling/pipeline.safetensors
+/// and lora_tiny.safetensors, made by Tests/Fixtures/sampling/make_pipeline.py (diffusers 0.42 on the tiny preset
+/// checkpoint `make-model --preset tiny --dtype fp32 --seed 5`, regenerated here and checked by its SHA-256).
+final class GenerateTests: XCTestCase {
+    static let folder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../Fixtures/sampling").standardized
+
+    struct Case: Decodable {
+        let name, sampler, prompt, negative: String
+        let width, height, steps, seed: Int
+        let cfg: Float
+        let lora: Float?
+        let given_noise: Bool?
+    }
+
+    var work: URL!
+    override func setUpWithError() throws {
+        work = FileManager.default.temporaryDirectory.appendingPathComponent("generate-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+    }
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: work) }
+
+    /// The tiny checkpoint of the fixture, made again (and checked to be the very file the fixture was made from).
+    func model(_ fixture: SafeTensorsFile) throws -> String {
+        let path = work.appendingPathComponent("tiny5.safetensors").path
+        let made = try TestProcesses.run(try TestProcesses.executable("lora-dist"),
+                                         ["make-model", "--preset", "tiny", "--dtype", "fp32", "--seed", "5", "--out", path])
+        XCTAssertEqual(made.status, 0, made.output)
+        let sha = SHA256.hash(data: try Data(contentsOf: URL(fileURLWithPath: path))).map { String(format: "%02x", $0) }.joined()
+        XCTAssertEqual(sha, fixture.metadata["model_sha256"], "make-model's tiny preset changed: rerun make_pipeline.py")
+        return path
+    }
+
+    func generate(_ c: Case, model: String, extra: [String] = [], lora: Bool = true) throws -> (latents: Tensor, png: String, output: String) {
+        let out = work.appendingPathComponent(c.name).path
+        let latents = work.appendingPathComponent(c.name + ".latents.safetensors").path
+        var args = ["generate", "--model", model, "--prompt", c.prompt, "--negative-prompt", c.negative,
+                    "--width", "\(c.width)", "--height", "\(c.height)", "--steps", "\(c.steps)", "--cfg", "\(c.cfg)",
+                    "--seed", "\(c.seed)", "--sampler", c.sampler, "--precision", "fp32", "--threads", "2",
+                    "--latents-out", latents, "--out", out] + extra
+        if lora, let m = c.lora { args += ["--lora", Self.folder.appendingPathComponent("lora_tiny.safetensors").path + ":\(m)"] }
+        let r = try TestProcesses.run(try TestProcesses.executable("lora-dist"), args)
+        XCTAssertEqual(r.status, 0, r.output)
+        let png = try FileManager.default.contentsOfDirectory(atPath: out).filter { $0.hasSuffix(".png") }
+        XCTAssertEqual(png.count, 1, "\(c.name): \(png)")
+        return (try SafeTensorsFile(path: latents).tensor("latents").fp32(), out + "/" + (png.first ?? ""), r.output)
+    }
+
+    func testGenerationsEqualDiffusersPipeline() throws {
+        let fixture = try SafeTensorsFile(path: Self.folder.appendingPathComponent("pipeline.safetensors").path)
+        let cases = try JSONDecoder().decode([Case].self, from: Data(fixture.metadata["cases"]!.utf8))
+        XCTAssertEqual(cases.count, 6)
+        let model = try model(fixture)
+        for c in cases {
+            var extra: [String] = []
+            if c.given_noise == true {
+                let noiseFile = work.appendingPathComponent("noise.safetensors").path
+                try writeSafeTensors(["noise": try fixture.tensor(c.name + ".noise")], metadata: [:], to: noiseFile)
+                extra = ["--noise", noiseFile]
+            }
+            let (latents, png, output) = try generate(c, model: model, extra: extra)
+            let expected = try fixture.tensor(c.name + ".latents")
+            XCTAssertEqual(latents.shape, expected.shape, c.name)
+            let scale = expected.scalars.map(abs).max()!
+            let worst = zip(latents.scalars, expected.scalars).map { abs($0 - $1) }.max()!
+            // fp32 throughout on both sides; the latents are O(10) for a random-weight model: 1e-4 relative.
+            XCTAssertLessThanOrEqual(worst, 1e-4 * max(1, scale), "\(c.name): final latents differ by \(worst) (scale \(scale))\n\(output)")
+            let image = try ImageIO.load(png, resizeTo: (c.width, c.height), crop: (0, 0, c.width, c.height))
+            let parameters = "\(c.prompt)\n" + (c.negative.isEmpty ? "" : "Negative prompt: \(c.negative)\n") + "Steps: \(c.steps), Sampler: "
+            let text = try ImageIO.pngText(png, key: "parameters")
+            XCTAssertTrue(text?.hasPrefix(parameters) == true && text?.contains(", Seed: \(c.seed), Size: \(c.width)x\(c.height)") == true,
+                          "\(c.name): A1111 parameters text chunk: \(text ?? "absent")")
+            let pixels = try fixture.tensor(c.name + ".image").scalars
+            XCTAssertEqual(image.width * image.height * 3, pixels.count, c.name)
+            let worstPixel = zip(image.rgb, pixels).map { abs(Float($0) - $1) }.max() ?? 0
+            XCTAssertLessThanOrEqual(worstPixel, 1, "\(c.name): decoded image differs from diffusers' by \(worstPixel) levels")
+            if c.lora != nil {
+                // The LoRA is what makes the difference: without it the same settings end elsewhere.
+                let bare = try generate(Case(name: c.name + "-bare", sampler: c.sampler, prompt: c.prompt, negative: c.negative,
+                                             width: c.width, height: c.height, steps: c.steps, seed: c.seed, cfg: c.cfg, lora: nil,
+                                             given_noise: nil), model: model, lora: false)
+                let moved = zip(bare.latents.scalars, expected.scalars).map { abs($0 - $1) }.max()!
+                XCTAssertGreaterThan(moved, 100 * worst, "\(c.name): the LoRA changes nothing measurable")
+            }
+        }
+    }
+}
