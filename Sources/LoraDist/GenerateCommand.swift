@@ -159,6 +159,7 @@ struct GenerateCommand: ParsableCommand {
                 try ImageIO.writePNG(image.rgb, width: r.width, height: r.height,
                                      text: [("parameters", r.parametersText(model: modelName, loras: loraNames))], to: path)
                 if let latentsOut { try writeSafeTensors(["latents": image.latents], metadata: [:], to: latentsOut) }
+                if image.truncated { print("warning: image \(j + 1): the prompt or negative prompt is longer than 225 tokens; the rest was dropped") }
                 total += image.seconds
                 print("wrote \(path) (\(String(format: "%.1f", image.seconds)) s, \(String(format: "%.2f", image.unetSeconds / Double(r.steps))) s/it)")
             }

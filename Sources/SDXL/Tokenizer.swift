@@ -259,8 +259,16 @@ public final class CLIPTokenizer: @unchecked Sendable {
         let window = model - 2                                       // 75
         precondition(maxTokenLength > 0 && maxTokenLength % window == 0,
                      "kohya's max_token_length is 75, 150 or 225")
-        let tokenizerMaxLength = maxTokenLength + 2
-        let inputIDs = self(text, maxLength: tokenizerMaxLength)     // [tokenizer_max_length]
+        return chunks(ids: self(text, maxLength: maxTokenLength + 2))
+    }
+
+    /// The chunking of `chunks(_:maxTokenLength:)` on already padded ids (BOS, up to 75n tokens, EOS, padding: 75n + 2
+    /// ids), e.g. those of a weighted prompt.
+    public func chunks(ids inputIDs: [Int]) -> [[Int]] {
+        let model = Self.modelMaxLength
+        let window = model - 2
+        let tokenizerMaxLength = inputIDs.count
+        precondition(tokenizerMaxLength >= model && (tokenizerMaxLength - 2) % window == 0, "chunks: 75n + 2 ids, got \(tokenizerMaxLength)")
         guard tokenizerMaxLength > model else { return [inputIDs] }  // max_token_length 75: one [77] row
         var result: [[Int]] = []
         for i in stride(from: 1, to: tokenizerMaxLength - model + 2, by: window) {

@@ -53,6 +53,8 @@ public struct GeneratedImage: Sendable {
     public let rgb: [UInt8]                 // [H, W, 3]
     public let seconds: Double              // UNet steps + decode
     public let unetSeconds: Double
+    /// The prompt or negative prompt had more tokens than the windows hold (the rest was dropped).
+    public let truncated: Bool
 }
 
 /// Several LoRAs at once: each adds its branch to the layer's output in turn (A1111/ComfyUI stack LoRAs the same way:
@@ -79,6 +81,9 @@ public final class ImageGenerator {
     public let spacing: TimestepSpacing
     /// Adapters on the UNet and both text encoders (one LoRANetwork covers all three), nil for the bare model.
     public var adapters: LayerAdapters?
+    /// 75-token windows per prompt: nil = as many as the longer of prompt and negative prompt needs (up to 3);
+    /// training-time sampling fixes it from max_token_length as kohya does.
+    public var promptWindows: Int?
 
     public init(unet: UNet, vae: VAE, textL: CLIPTextEncoderL, textG: OpenCLIPTextEncoderG, sizeEmbedDim: Int,
                 prediction: PredictionType = .epsilon, zeroTerminalSNR: Bool = false, spacing: TimestepSpacing = .leading,
@@ -103,11 +108,12 @@ public final class ImageGenerator {
     public var latentFactor: Int { vae.config.downsamplingFactor }
 
     /// Text conditioning for the negative and positive prompt of a request: context [2, T, C] (negative first, as
-    /// diffusers concatenates them), pooled [2, P].
-    func encode(negative: String, positive: String) -> (context: Tensor, pooled: Tensor) {
+    /// diffusers concatenates them), pooled [2, P], and whether either prompt was cut to fit.
+    func encode(negative: String, positive: String) throws -> (context: Tensor, pooled: Tensor, truncated: Bool) {
         let t = Tape(recording: false, adapters: adapters)
-        let (context, pooled) = PromptEncoding.encode(t, l: textL, g: textG, tokenizers: tokenizers, prompts: [negative, positive])
-        return (context.value, pooled.value)
+        let e = try PromptEncoding.encode(t, l: textL, g: textG, tokenizers: tokenizers, prompts: [negative, positive],
+                                          windows: promptWindows)
+        return (e.context, e.pooled, e.truncated.contains(true))
     }
 
     /// Runs one request to the final latents and the decoded image. `progress(step, steps)` after every UNet step.
@@ -137,7 +143,7 @@ public final class ImageGenerator {
         }
         latents = latents.map { $0 * sampler.initNoiseSigma }
 
-        let (context, pooled) = encode(negative: r.negativePrompt, positive: r.prompt)
+        let (context, pooled, truncated) = try encode(negative: r.negativePrompt, positive: r.prompt)
         let guided = r.cfgScale > 1
         let rows = guided ? 2 : 1
         // diffusers runs no unconditional half when guidance_scale ≤ 1 (do_classifier_free_guidance).
@@ -179,7 +185,7 @@ public final class ImageGenerator {
         let image = vae.decode(Tape(recording: false), Var(z)).value     // [1, 3, H, W] in about [−1, 1]
         let rgb = ImageGenerator.toRGB(image)
         return GeneratedImage(request: r, latents: Tensor(shape: shape, latents), rgb: rgb,
-                              seconds: Date().timeIntervalSince(start), unetSeconds: unetSeconds)
+                              seconds: Date().timeIntervalSince(start), unetSeconds: unetSeconds, truncated: truncated)
     }
 
     /// diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), then numpy_to_pil's (x · 255).round() → uint8, CHW → HWC.

@@ -1,0 +1,133 @@
+import Foundation
+import SDXL
+import XCTest
+@testable import Training
+
+/// kohya's sample-prompt syntax against kohya's own code. Fixture: Tests/Fixtures/sampling/kohya_prompts.json, made by
+/// Tests/Fixtures/sampling/make_kohya_prompts.py, which runs sd-scripts 48d368fa's line_to_prompt_dict, load_prompts
+/// (on the real files in Tests/Fixtures/sampling/prompt_files, see SOURCES.md there) and TokenizeStrategy's weighted
+/// tokenisation (parse_prompt_attention inside it).
+final class SamplePromptTests: XCTestCase {
+    static let folder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../Fixtures/sampling").standardized
+    static let fixture: [String: Any] = {
+        let data = try! Data(contentsOf: folder.appendingPathComponent("kohya_prompts.json"))
+        return try! JSONSerialization.jsonObject(with: data) as! [String: Any]
+    }()
+
+    func testAttentionSyntaxEqualsKohya() throws {
+        let cases = Self.fixture["attention"] as! [[Any]]
+        XCTAssertGreaterThan(cases.count, 30)
+        for c in cases {
+            let text = c[0] as! String
+            if let expected = c[1] as? [[Any]] {
+                let pieces = try PromptAttention.parse(text)
+                XCTAssertEqual(pieces.map(\.text), expected.map { $0[0] as! String }, "\(text)")
+                // kohya keeps the weights as a float32 tensor.
+                XCTAssertEqual(pieces.map { Float($0.weight) }, expected.map { Float(($0[1] as! NSNumber).doubleValue) }, "\(text)")
+            } else {
+                XCTAssertThrowsError(try PromptAttention.parse(text), "\(text): kohya raises ValueError") {
+                    XCTAssertTrue("\($0)".contains("is not a number"), "\($0)")
+                }
+            }
+        }
+    }
+
+    /// The keys lora-dist reads, from kohya's prompt dict (guidance_scale, cfg_trunc_ratio … are for other models).
+    func check(_ p: SamplePrompt, _ d: [String: Any], _ what: String) {
+        XCTAssertEqual(p.prompt, d["prompt"] as? String ?? "", what)
+        XCTAssertEqual(p.negativePrompt, d["negative_prompt"] as? String, what)
+        XCTAssertEqual(p.width, (d["width"] as? NSNumber)?.intValue, what)
+        XCTAssertEqual(p.height, (d["height"] as? NSNumber)?.intValue, what)
+        XCTAssertEqual(p.seed, (d["seed"] as? NSNumber)?.uint64Value, what)
+        XCTAssertEqual(p.steps, (d["sample_steps"] as? NSNumber)?.intValue, what)
+        XCTAssertEqual(p.scale, (d["scale"] as? NSNumber).map { Float($0.doubleValue) }, what)
+        XCTAssertEqual(p.sampler, d["sample_sampler"] as? String, what)
+        XCTAssertEqual(p.controlnetImage, d["controlnet_image"] as? String, what)
+        if let e = d["enum"] as? NSNumber { XCTAssertEqual(p.index, e.intValue, what) }
+    }
+
+    func testLinesEqualKohya() {
+        let cases = Self.fixture["lines"] as! [[Any]]
+        XCTAssertGreaterThan(cases.count, 30)
+        for c in cases { check(SamplePrompt.parseLine(c[0] as! String), c[1] as! [String: Any], "line \(c[0])") }
+    }
+
+    func testRealPromptFilesLoadAsKohyaLoadsThem() throws {
+        let files = Self.fixture["files"] as! [String: Any]
+        XCTAssertEqual(files.count, 15)
+        for (name, expected) in files.sorted(by: { $0.key < $1.key }) {
+            let url = Self.folder.appendingPathComponent("prompt_files").appendingPathComponent(name)
+            guard let list = expected as? [[String: Any]] else { XCTFail("\(name): kohya failed: \(expected)"); continue }
+            let prompts = try SamplePrompt.load(url)
+            XCTAssertEqual(prompts.count, list.count, name)
+            for (p, d) in zip(prompts, list) { check(p, d, "\(name) #\(p.index)") }
+        }
+    }
+
+    func testWeightedTokensEqualKohya() throws {
+        let tokenizers = (try CLIPTokenizer.bundled(padding: .endOfText), try CLIPTokenizer.bundled(padding: .zero))
+        let rows = Self.fixture["weighted"] as! [[Any]]
+        XCTAssertEqual(rows.count, 30)
+        for row in rows {
+            let text = row[0] as! String
+            let windows = ((row[1] as? NSNumber)?.intValue ?? 75) / 75
+            for (k, tokenizer) in [tokenizers.0, tokenizers.1].enumerated() {
+                let expectedIDs = (row[2 + 2 * k] as! [[NSNumber]]).map { $0.map(\.intValue) }
+                let expectedWeights = (row[3 + 2 * k] as! [[NSNumber]]).map { $0.map(\.floatValue) }
+                let w = try PromptEncoding.weighted(text, tokenizer, windows: windows)
+                XCTAssertEqual(tokenizer.chunks(ids: w.ids), expectedIDs, "\(text.prefix(40)) (\(windows) windows, tokenizer \(k + 1))")
+                // kohya's chunked weights: per window [1, the window's 75 token weights, 1].
+                let chunked = windows == 1 ? [w.weights] : (0..<windows).map { b in [Float(1)] + Array(w.weights[(1 + 75 * b)..<(76 + 75 * b)]) + [1] }
+                XCTAssertEqual(chunked.count, expectedWeights.count, text)
+                for (a, e) in zip(chunked, expectedWeights) {
+                    XCTAssertEqual(a.count, e.count)
+                    for (x, y) in zip(a, e) { XCTAssertEqual(x, y, accuracy: 1e-6, "\(text.prefix(40)) weights") }
+                }
+                XCTAssertEqual(w.truncated, try PromptEncoding.tokens(text, tokenizer).ids.count > 75 * windows)
+            }
+        }
+    }
+
+    func testRequestsFromPrompts() throws {
+        let defaults = SamplePromptDefaults.kohya(sampler: try SamplerChoice(kind: .ddim))
+        let p = SamplePrompt.parseLine("a cat --w 1000 --h 60 --ss euler_a", index: 3)
+        let r = try p.request(defaults: defaults, seed: 9)
+        XCTAssertEqual([r.width, r.height, r.steps], [1000, 64, 30])     // 1000 is a multiple of 8; 60 → max(64, 56)
+        XCTAssertEqual(r.cfgScale, 7.5)
+        XCTAssertEqual(r.sampler, try SamplerChoice(kind: .eulerAncestral))
+        XCTAssertEqual(r.seed, 9)
+        XCTAssertThrowsError(try SamplePrompt.parseLine("a cat --cn x.png").request(defaults: defaults, seed: 0)) {
+            XCTAssertTrue("\($0)".contains("ControlNet"), "\($0)")
+        }
+        XCTAssertThrowsError(try SamplePrompt.parseLine("a cat --ss heun").request(defaults: defaults, seed: 0)) {
+            XCTAssertTrue("\($0)".contains("heun"), "\($0)")
+        }
+        let list = [SamplePrompt(prompt: "a", seed: 100), SamplePrompt(prompt: "b")]
+        XCTAssertEqual(try SamplePrompt.requests(list, defaults: defaults, imagesEach: 2, firstSeed: 7).map(\.seed), [100, 101, 9, 10])
+    }
+
+    func testBadFilesAreNamed() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("prompts-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let cases: [(String, String, String)] = [
+            ("p.yaml", "a cat", ".txt, .toml or .json"),
+            ("empty.txt", "# only a comment\n\n", "no prompts"),
+            ("bad.toml", "[[prompts]]\nprompt = \"a\"\n", "[prompt] table"),
+            ("nosub.toml", "[prompt]\nwidth = 512\n", "[[prompt.subset]]"),
+            ("bad.json", "{\"prompt\": \"a\"}", "a list"),
+            ("badnum.json", "[{\"prompt\": \"a\", \"width\": \"wide\"}]", "width must be a number"),
+        ]
+        for (name, text, expected) in cases {
+            let url = dir.appendingPathComponent(name)
+            try text.write(to: url, atomically: true, encoding: .utf8)
+            XCTAssertThrowsError(try SamplePrompt.load(url), name) { XCTAssertTrue("\($0)".contains(expected), "\(name): \($0)") }
+        }
+        // kohya's TOML: defaults in [prompt], one image per [[prompt.subset]]; a subset may override a default here.
+        let url = dir.appendingPathComponent("ok.toml")
+        try "[prompt]\nwidth = 1024\nscale = 5\n[[prompt.subset]]\nprompt = \"a\"\nwidth = 832\n[[prompt.subset]]\nprompt = \"b\"\n".write(to: url, atomically: true, encoding: .utf8)
+        let p = try SamplePrompt.load(url)
+        XCTAssertEqual(p.map(\.width), [832, 1024])
+        XCTAssertEqual(p.map(\.scale), [5, 5])
+    }
+}
