@@ -1,5 +1,6 @@
 import Foundation
 import SDXL
+import Tensor
 import XCTest
 @testable import Training
 
@@ -129,5 +130,30 @@ final class SamplePromptTests: XCTestCase {
         let p = try SamplePrompt.load(url)
         XCTAssertEqual(p.map(\.width), [832, 1024])
         XCTAssertEqual(p.map(\.scale), [5, 5])
+    }
+}
+
+extension SamplePromptTests {
+    /// "a (red:1.5) cat" tokenises piece by piece to the same ids as "a red cat"; its conditioning is that of the plain
+    /// prompt with the "red" position (index 2, after BOS and "a") times 1.5 in both encoders' halves, nothing else.
+    func testWeightsScaleTheirTokensHiddenStates() throws {
+        let binder = WeightBinder(RandomWeights(seed: 3))
+        let preset = SDXLPreset.tiny
+        let l = CLIPTextEncoderL(binder.scope(CLIPTextEncoderL.keyPrefix), config: preset.textL)
+        let g = OpenCLIPTextEncoderG(binder.scope(OpenCLIPTextEncoderG.keyPrefix), config: preset.textG)
+        let tokenizers = (try CLIPTokenizer.bundled(padding: .endOfText), try CLIPTokenizer.bundled(padding: .zero))
+        for windows in [1, 2] {
+            let plain = try PromptEncoding.encode(Tape(recording: false), l: l, g: g, tokenizers: tokenizers, prompts: ["a red cat"], windows: windows)
+            let weighted = try PromptEncoding.encode(Tape(recording: false), l: l, g: g, tokenizers: tokenizers, prompts: ["a (red:1.5) cat"], windows: windows)
+            XCTAssertEqual(plain.context.shape, [1, 75 * windows + 2, 80])
+            XCTAssertEqual(weighted.pooled.scalars, plain.pooled.scalars, "the pooled vector is not weighted")
+            let c = 80
+            for p in 0..<plain.context.shape[1] {
+                for ch in 0..<c {
+                    let a = plain.context.scalars[p * c + ch], b = weighted.context.scalars[p * c + ch]
+                    XCTAssertEqual(b, p == 2 ? a * 1.5 : a, "position \(p), channel \(ch)")
+                }
+            }
+        }
     }
 }
