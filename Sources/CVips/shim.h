@@ -74,6 +74,8 @@ static inline VipsImage *lora_vips_from_rgb(const void *data, size_t size, int w
     return vips_image_new_from_memory_copy(data, size, width, height, 3, VIPS_FORMAT_UCHAR);
 }
 static inline int lora_vips_pngsave(VipsImage *in, const char *path) { return vips_pngsave(in, path, NULL); }
+/// PNG bytes in a g_malloc'd buffer (free with lora_vips_free).
+static inline int lora_vips_pngsave_buffer(VipsImage *in, void **buf, size_t *len) { return vips_pngsave_buffer(in, buf, len, NULL); }
 /// A string field; pngsave writes a field named "png-comment-N-KEY" as a PNG text chunk KEY (N orders them).
 /// A string field's value (owned by the image), NULL when absent.
 static inline const char *lora_vips_get_string(VipsImage *image, const char *name) {

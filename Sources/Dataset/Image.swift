@@ -186,17 +186,35 @@ public enum ImageIO {
     /// "parameters", which A1111's PNG Info, ComfyUI and most image viewers read.
     public static func writePNG(_ rgb: [UInt8], width: Int, height: Int, text: [(key: String, value: String)] = [],
                                 to path: String) throws {
+        try withImage(rgb, width: width, height: height, text: text, what: path) { image in
+            guard lora_vips_pngsave(image, path) == 0 else { throw failure(path, "cannot write PNG") }
+        }
+    }
+
+    /// The PNG file `writePNG` writes, as bytes (for a TensorBoard image summary, or to send to another rank).
+    public static func encodePNG(_ rgb: [UInt8], width: Int, height: Int, text: [(key: String, value: String)] = []) throws -> [UInt8] {
+        try withImage(rgb, width: width, height: height, text: text, what: "PNG in memory") { image in
+            var buffer: UnsafeMutableRawPointer? = nil
+            var length = 0
+            guard lora_vips_pngsave_buffer(image, &buffer, &length) == 0, let buffer else { throw failure("PNG in memory", "cannot encode PNG") }
+            defer { lora_vips_free(buffer) }
+            return [UInt8](UnsafeRawBufferPointer(start: buffer, count: length))
+        }
+    }
+
+    private static func withImage<T>(_ rgb: [UInt8], width: Int, height: Int, text: [(key: String, value: String)], what: String,
+                                     _ body: (UnsafeMutablePointer<VipsImage>) throws -> T) throws -> T {
         try ensureInit()
         guard width > 0, height > 0, rgb.count == width * height * 3 else {
-            throw DatasetError("\(path): \(width)x\(height) RGB needs \(width * height * 3) bytes, got \(rgb.count)")
+            throw DatasetError("\(what): \(width)x\(height) RGB needs \(width * height * 3) bytes, got \(rgb.count)")
         }
         let image = rgb.withUnsafeBytes { lora_vips_from_rgb($0.baseAddress, $0.count, Int32(width), Int32(height)) }
-        guard let image else { throw failure(path, "cannot wrap pixels") }
+        guard let image else { throw failure(what, "cannot wrap pixels") }
         defer { lora_vips_unref(image) }
         for (i, chunk) in text.enumerated() {
             // libvips (vips_image_map in the PNG savers) turns png-comment-<n>-<key> fields into text chunks.
             lora_vips_set_string(image, "png-comment-\(i)-\(chunk.key)", chunk.value)
         }
-        guard lora_vips_pngsave(image, path) == 0 else { throw failure(path, "cannot write PNG") }
+        return try body(image)
     }
 }

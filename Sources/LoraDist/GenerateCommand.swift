@@ -82,7 +82,7 @@ struct GenerateCommand: ParsableCommand {
             let defaults = SamplePromptDefaults(negativePrompt: negativePrompt, width: width, height: height, steps: steps,
                                                 cfgScale: cfg, sampler: try SamplerChoice(parsing: sampler))
             var list: [SamplePrompt] = prompt.map { SamplePrompt(prompt: $0) }
-            if let prompts { list += try SamplePrompt.load(URL(fileURLWithPath: prompts)) }
+            if let prompts { list += try SamplePrompt.load(path: prompts) }
             let firstSeed = seed ?? UInt64.random(in: 0..<(1 << 32))
             jobs = try SamplePrompt.requests(list, defaults: defaults, imagesEach: batch, firstSeed: firstSeed)
             for j in jobs { try j.validate(latentFactor: ckpt.vaeConfig!.downsamplingFactor) }

@@ -429,3 +429,83 @@ final class TrainCommandTests: XCTestCase {
         XCTAssertEqual(latents.filter { $0.hasSuffix(".safetensors") }.count, 4)
     }
 }
+
+/// Sample images during training (kohya's sample_* keys).
+extension TrainCommandTests {
+    // Two ranks, UNet and text-encoder LoRA, sampling before training and every 2 steps: the LoRA is bit for bit the one
+    // the same run trains without sampling; the images are all there under kohya's names, written once (rank 0), with
+    // the A1111 parameters chunk, a metrics line per round and TensorBoard image summaries.
+    func testSamplingDoesNotChangeTheLoRAAndWritesKohyaNames() throws {
+        let images = try squareImages(2)
+        let prompts = work.appendingPathComponent("prompts.txt")
+        try """
+            # kohya syntax: a comment, a blank line, options
+            demo_trigger, red square --w 64 --h 64 --d 5 --s 4 --l 5
+
+            a (blue:1.3) square --n blurry --w 64 --h 96 --s 3 --ss euler_a
+            [green] circle --w 64 --h 64 --s 3 --ss dpm++_2m_karras
+            """.write(to: prompts, atomically: true, encoding: .utf8)
+        let plain = try run(["train", try config("plain", images: images, batch: 1, steps: 4, unetOnly: false)], ranks: 2)
+        XCTAssertEqual(plain.status, 0, plain.output)
+        let sampling = """
+            sample_prompts = "\(prompts.path)"
+            sample_every_n_steps = 2
+            sample_at_first = true
+            log_with = "tensorboard"
+            """
+        let sampled = try run(["train", try config("sampled", images: images, batch: 1, steps: 4, extra: sampling, unetOnly: false)], ranks: 2)
+        XCTAssertEqual(sampled.status, 0, sampled.output)
+        XCTAssertEqual(try loraTensors(work.appendingPathComponent("plain/t.safetensors").path),
+                       try loraTensors(work.appendingPathComponent("sampled/t.safetensors").path), "sampling changed the LoRA")
+
+        let folder = work.appendingPathComponent("sampled/sample")
+        let names = try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted()
+        XCTAssertEqual(names.count, 9, "\(names)")
+        let pattern = try NSRegularExpression(pattern: #"^t_(e000000|000002|000004)_0[0-2]_\d{14}_\d+\.png$"#)
+        for n in names {
+            XCTAssertNotNil(pattern.firstMatch(in: n, range: NSRange(n.startIndex..., in: n)), n)
+        }
+        // The prompt with --d 5 keeps its seed; the others take the run's seed plus their index — the same at every round.
+        XCTAssertEqual(Set(names.filter { $0.contains("_00_") }.map { $0.components(separatedBy: "_").last! }), ["5.png"])
+        XCTAssertEqual(Set(names.filter { $0.contains("_01_") }.map { $0.components(separatedBy: "_").last! }).count, 1)
+        let wide = try XCTUnwrap(names.first { $0.hasPrefix("t_000004_01_") })
+        let size = try ImageIO.size(of: folder.appendingPathComponent(wide).path)
+        XCTAssertEqual([size.width, size.height], [64, 96])
+        let text = try ImageIO.pngText(folder.appendingPathComponent(wide).path, key: "parameters") ?? ""
+        XCTAssertTrue(text.hasPrefix("a (blue:1.3) square\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, CFG scale: 7.5,"), text)
+        XCTAssertTrue(text.contains("Size: 64x96") && text.contains("Step: 4"), text)
+
+        let lines = try String(contentsOf: work.appendingPathComponent("sampled/t-metrics.jsonl"), encoding: .utf8)
+            .split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        XCTAssertEqual(lines.compactMap { ($0["samples_at_step"] as? NSNumber)?.intValue }, [0, 2, 4])
+        XCTAssertEqual(try StepMetrics.readJSONL(work.appendingPathComponent("sampled/t-metrics.jsonl")).count, 4)
+        let logs = work.appendingPathComponent("sampled/logs")
+        let events = try FileManager.default.subpathsOfDirectory(atPath: logs.path).filter { $0.contains("tfevents") }
+        XCTAssertEqual(events.count, 1)
+        let bytes = try Data(contentsOf: logs.appendingPathComponent(events[0]))
+        for tag in ["sample_0", "sample_1", "sample_2"] { XCTAssertNotNil(bytes.range(of: Data(tag.utf8)), tag) }
+        XCTAssertTrue(sampled.output.contains("sample images: 9 in"), sampled.output)
+    }
+
+    // What is wrong with sampling is said before training, naming the key; a cadence of 0 asks for nothing.
+    func testSamplingSettingsAreCheckedBeforeTraining() throws {
+        let images = try squareImages(2)
+        let prompts = work.appendingPathComponent("p.txt")
+        try "a cat --w 64 --h 64 --s 2\n".write(to: prompts, atomically: true, encoding: .utf8)
+        let cases: [(String, String)] = [
+            ("sample_every_n_steps = 2", "no sample_prompts file is given"),
+            ("sample_every_n_steps = 2\nsample_prompts = \"\(work.path)/missing.txt\"", "cannot read the sample prompts file"),
+            ("sample_at_first = true\nsample_prompts = \"\(prompts.path)\"\nsample_sampler = \"heun\"", "kohya's heun is not implemented"),
+        ]
+        for (i, (extra, expected)) in cases.enumerated() {
+            let r = try run(["train", try config("bad\(i)", images: images, batch: 1, steps: 2, extra: extra)])
+            XCTAssertNotEqual(r.status, 0, r.output)
+            XCTAssertTrue(r.output.contains(expected), "\(extra)\n\(r.output)")
+            XCTAssertFalse(r.output.contains("latent cache"), "checked after the latent cache: \(r.output)")
+        }
+        let off = try run(["train", try config("off", images: images, batch: 1, steps: 2,
+                                               extra: "sample_every_n_steps = 0\nsample_prompts = \"\(prompts.path)\"\nsample_sampler = \"ddim\"")])
+        XCTAssertEqual(off.status, 0, off.output)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: work.appendingPathComponent("off/sample").path))
+    }
+}

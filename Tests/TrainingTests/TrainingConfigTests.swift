@@ -281,13 +281,12 @@ final class TrainingConfigTests: XCTestCase {
     }
 
     // kohya GUIs write dozens of unimplemented options at values that ask for nothing: off, empty, kohya's own default,
-    // or a part of a feature that is not switched on (prompts without a sampling cadence, upload settings without a
-    // repository). Those train, with one compact note.
+    // or a part of a feature that is not switched on (upload settings without a repository). Those train, with one
+    // compact note.
     func testUnsupportedKeysAtInertValuesAreIgnored() throws {
         let inert = ["v2 = false", "color_aug = false", "random_crop = false", "debug_dataset = false",
                      "weighted_captions = false", "dim_from_weights = false", "token_warmup_min = 1", "token_warmup_step = 0",
-                     "lr_scheduler_args = []", "lr_scheduler_type = \"\"", "sample_prompts = \"prompts.txt\"",
-                     "sample_sampler = \"euler_a\"", "sample_every_n_steps = 0", "huggingface_repo_id = \"\"",
+                     "lr_scheduler_args = []", "lr_scheduler_type = \"\"", "validation_split = 0", "huggingface_repo_id = \"\"",
                      "huggingface_token = \"hf_x\"", "async_upload = true", "masked_loss = false",
                      "save_last_n_steps_state = 1"]
         let c = try parse(minimal + inert.joined(separator: "\n") + "\n")
@@ -308,7 +307,7 @@ final class TrainingConfigTests: XCTestCase {
             XCTAssertNoThrow(try parse(minimal + "\(arg.name) = \(value)\n"), "\(arg.name) = \(value)")
         }
         // The same features switched on are refused.
-        for on in ["sample_sampler = \"euler_a\"\nsample_every_n_epochs = 1", "huggingface_token = \"x\"\nhuggingface_repo_id = \"me/lora\"",
+        for on in ["validation_split = 0.1", "huggingface_token = \"x\"\nhuggingface_repo_id = \"me/lora\"",
                    "token_warmup_step = 100", "v2 = true"] {
             XCTAssertTrue(message { try self.parse(self.minimal + on + "\n") }.contains("does not implement"), on)
         }

@@ -74,6 +74,16 @@ struct ConfigField {
                     })
     }
 
+    /// kohya's sample_every_n_steps / _epochs: ≤ 0 turns sampling off (verify_training_args warns and sets None).
+    static func sampleCadence(_ key: String, _ path: WritableKeyPath<TrainingConfig, Int?>) -> ConfigField {
+        ConfigField(key: key, kind: .int, fingerprinted: false, read: { $0[keyPath: path].map { .int($0) } ?? .null },
+                    apply: { c, v, _ in
+                        guard case .int(let i) = v else { return }
+                        if i < 0 { c.warnings.append("\(key) = \(i): sampling on this cadence is off (kohya disables it too)") }
+                        c[keyPath: path] = i > 0 ? i : nil
+                    })
+    }
+
     static func choose(_ s: String, _ choices: [String]?, _ key: String, _ c: TrainingConfig) throws -> String {
         guard let choices, !choices.contains(s) else { return s }
         throw c.error(key, "= \"\(s)\" is not one of \(choices.map { "\"\($0)\"" }.joined(separator: ", "))")
@@ -159,6 +169,11 @@ extension TrainingConfig {
             .int("save_last_n_steps", \.saveLastNSteps, .atLeastOne),
             .int("save_last_n_epochs", \.saveLastNEpochs, .atLeastOne),
             .flag("save_state", \.saveState),
+            .text("sample_prompts", \.samplePrompts),
+            .flag("sample_at_first", \.sampleAtFirst),
+            .text("sample_sampler", \.sampleSampler),
+            F.sampleCadence("sample_every_n_steps", \.sampleEveryNSteps),
+            F.sampleCadence("sample_every_n_epochs", \.sampleEveryNEpochs),
             .flag("save_state_on_train_end", \.saveStateOnTrainEnd),
             .text("resume", \.resume),
             // kohya: train_batch_size is also the dataset's batch_size (its argparse level).

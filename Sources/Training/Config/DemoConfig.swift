@@ -53,6 +53,11 @@ save_model_as = "safetensors"
 save_precision = "fp16"
 save_every_n_steps = 100
 
+[sample_prompt_arguments]
+sample_prompts = "builtin:demo"                   # two prompts at 128² (a kohya prompts .txt/.toml/.json works the same)
+sample_every_n_steps = 200                        # at the end: images in output/demo/sample/
+sample_sampler = "euler_a"
+
 [logging_arguments]
 log_with = "tensorboard"
 

@@ -122,9 +122,6 @@ extension TrainingConfig {
         "log_tracker_name": "names the run in the tracker (wandb)", "wandb_run_name": "names the wandb run",
         "log_tracker_config": "configures the wandb tracker", "wandb_api_key": "logs in to wandb",
         "log_config": "uploads the config to wandb",
-        "sample_every_n_steps": "samples images during training", "sample_at_first": "samples images before training",
-        "sample_every_n_epochs": "samples images during training", "sample_prompts": "samples images during training",
-        "sample_sampler": "samples images during training",
         "config_file": "names the training TOML; give it on the command line (`lora-dist train FILE`) instead",
         "output_config": "writes the parsed arguments to a TOML instead of training",
         "lr_scheduler_type": "loads a custom scheduler class by Python name; use lr_scheduler",
@@ -147,7 +144,7 @@ extension TrainingConfig {
     /// kohya's defaults of unsupported keys that are neither off nor empty (kohya_args.json): a config that writes the
     /// default asks for nothing.
     static let unsupportedDefaults: [String: TOMLDefault] = [
-        "token_warmup_min": .number(1), "token_warmup_step": .number(0), "sample_sampler": .string("ddim"),
+        "token_warmup_min": .number(1), "token_warmup_step": .number(0),
         "lr_scheduler_type": .string(""), "lr_decay_steps": .number(0), "validation_split": .number(0),
     ]
 

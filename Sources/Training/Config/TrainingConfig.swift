@@ -47,6 +47,13 @@ public struct TrainingConfig: Sendable {
     public var saveLastNEpochs: Int? = nil
     public var saveState = false
     public var saveStateOnTrainEnd = false
+    /// kohya's sample images during training (Sample/TrainingSampler.swift): the prompts file (.txt/.toml/.json),
+    /// the cadences (≤ 0 is off, as kohya's verify_training_args makes it) and the default sampler.
+    public var samplePrompts: String? = nil
+    public var sampleEveryNSteps: Int? = nil
+    public var sampleEveryNEpochs: Int? = nil
+    public var sampleAtFirst = false
+    public var sampleSampler = "ddim"
     /// A state folder/file to resume from (kohya --resume). The CLI's `--resume` sets it too.
     public var resume: String? = nil
     /// kohya --train_batch_size: per-rank batch. It is also every dataset's `batch_size` unless a dataset TOML

@@ -366,12 +366,6 @@ extension TrainingConfig {
         case nil: break
         }
         switch key {
-        case "sample_every_n_steps", "sample_every_n_epochs":
-            return v.int == 0
-        case "sample_prompts", "sample_sampler":
-            let cadence = (given["sample_every_n_steps"]?.int ?? 0) > 0 || (given["sample_every_n_epochs"]?.int ?? 0) > 0
-                || given["sample_at_first"]?.bool == true
-            return !cadence
         case "save_last_n_steps_state", "save_last_n_epochs_state":
             // Keep rules for states: nothing to keep when no state is saved.
             return given["save_state"]?.bool != true

@@ -74,6 +74,8 @@ final class TrainingStages {
     /// and when it is off).
     let buckets: GradientBuckets?
     let checkpointer: Checkpointer
+    /// Sample images during training (kohya's sample_* keys); nil when the config asks for none.
+    let sampler: TrainingSampler?
     let outputDirectory: URL
     /// Rank 0's hold on output_dir for the run (released at the end; the kernel drops it if the process dies).
     let outputLock: OutputLock?
@@ -182,6 +184,19 @@ final class TrainingStages {
                                     optimizer: optimizer, reducer: reducer, outputDirectory: outputDirectory)
 
         try checkpointer.preflight(resume: resume)
+
+        // Sampling's prompts are read and checked now; its VAE is loaded at the first round.
+        let (unet, checkpoint, config) = (self.unet, self.checkpoint, config)
+        sampler = try TrainingSampler.make(config: config, seed: plan.seed, outputDirectory: outputDirectory) {
+            let decoder = try LatentEncoder(checkpoint: checkpoint, vaeFile: config.vae, family: config.noHalfVAE ? .fp32 : Kernels.family)
+            let g = try ImageGenerator(unet: unet, vae: try decoder.load(), textL: encoders.0, textG: encoders.1,
+                                       sizeEmbedDim: checkpoint.sizeEmbedDim ?? 256,
+                                       prediction: config.vParameterization ? .vPrediction : .epsilon,
+                                       zeroTerminalSNR: config.zeroTerminalSNR)
+            g.promptWindows = max(1, min(PromptEncoding.maxWindows, config.maxTokenLength / 75))
+            g.vaeFamily = decoder.family
+            return g
+        }
 
         // Stage 2: the latent cache (the first expensive work), then the batch assembler over it. The VAE: kohya's --vae
         // file, else the checkpoint's; its shape is checked here, before anything is encoded.

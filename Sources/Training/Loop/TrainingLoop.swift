@@ -92,6 +92,10 @@ final class TrainingLoop {
         startSteps = position.optimizerSteps
         let progress = rank == 0 ? TrainingProgress(total: plan.totalSteps, startStep: position.optimizerSteps,
                                                     logEvery: config.lora.logEvery) : nil
+        // kohya's sample_at_first: before the first step of a run that starts at step 0.
+        if let sampler = stages.sampler, position.optimizerSteps == 0, sampler.due(steps: 0, epoch: 0) {
+            try sampler.sample(steps: 0, epoch: 0, network: network, communicator: communicator, metrics: metrics, say: say)
+        }
         var gradients = [Float](repeating: 0, count: network.parameterCount)
         var window = Window()
         var outcome = TrainingOutcome.finished
@@ -118,7 +122,7 @@ final class TrainingLoop {
                     stream?.abandon()   // no bucket reaches MPI while this thread unwinds to MPI_Abort
                     throw error
                 }
-                if try events(position, progress: progress) {
+                if try events(position, progress: progress, metrics: metrics) {
                     outcome = .stopped(signal: StopSignal.pendingSignal)
                     break training
                 }
@@ -128,6 +132,10 @@ final class TrainingLoop {
             if position.nextStep >= epochPlan.steps.count {
                 position.epoch += 1
                 position.nextStep = 0
+                if let sampler = stages.sampler, sampler.due(steps: position.optimizerSteps, epoch: position.epoch) {
+                    try sampler.sample(steps: position.optimizerSteps, epoch: position.epoch, network: network, communicator: communicator,
+                                       metrics: metrics, say: { line in progress?.note(line) ?? say(line) })
+                }
                 if let n = config.saveEveryNEpochs, n > 0, position.epoch % n == 0, position.optimizerSteps < plan.totalSteps {
                     try checkpointer.saveEpoch(position.epoch, position: position, progress: progress)
                 }
@@ -239,7 +247,7 @@ final class TrainingLoop {
 
     /// After an optimizer step: the divergence check, step saves, the test hooks, and the stop protocol (a signal on
     /// any rank stops every rank here, after saving a state). Returns whether to stop.
-    private func events(_ position: TrainingPosition, progress: TrainingProgress?) throws -> Bool {
+    private func events(_ position: TrainingPosition, progress: TrainingProgress?, metrics: MetricsWriter?) throws -> Bool {
         let step = position.optimizerSteps
         communicator.waitingFor = "the checks and saves after step \(step)"
         if config.lora.parameterCheckEvery > 0 {
@@ -247,6 +255,10 @@ final class TrainingLoop {
         }
         if let n = config.saveEveryNSteps, n > 0, step % n == 0, step < stages.plan.totalSteps {
             try stages.checkpointer.saveStep(position, progress: progress)
+        }
+        if let sampler = stages.sampler, sampler.due(steps: step, epoch: nil) {
+            try sampler.sample(steps: step, epoch: nil, network: stages.network, communicator: communicator, metrics: metrics,
+                               say: { line in progress?.note(line) ?? say(line) })
         }
         if let killAt = Self.testKillAtStep, killAt == step, rank == 0 {
             // Test hook (LORA_DIST_TEST_KILL_AT_STEP): die here as a SIGKILLed job would, mid-run, after this
@@ -277,12 +289,16 @@ final class TrainingLoop {
         }
         try communicator.barrier()
         stages.outputLock?.release()
-        let summary = TrainingSummary(filesWritten: checkpointer.filesWritten, seconds: Date().timeIntervalSince(wallStart),
+        let sampling = stages.sampler.map { s in
+            TrainingSummary.Sampling(images: s.requests.count * s.rounds, seconds: s.seconds, folder: s.folder.path)
+        }
+        let summary = TrainingSummary(filesWritten: checkpointer.filesWritten,
+                                      seconds: Date().timeIntervalSince(wallStart) - (stages.sampler?.seconds ?? 0),
                                       images: trainedSamples, steps: position.optimizerSteps - startSteps, ranks: communicator.size,
                                       communicationSeconds: communicationSeconds,
                                       overlapped: overlappedSteps > 0 ? .init(steps: overlappedSteps, communicationSeconds: overlappedCommunication,
                                                                                    exposedSeconds: overlappedExposed) : nil,
-                                      skippedSteps: position.skippedSteps)
+                                      skippedSteps: position.skippedSteps, sampling: sampling)
         for line in summary.lines() { say(line) }
         if case .stopped(let signal) = outcome {
             say("stopped by \(signal.map(StopSignal.name) ?? "a signal on another rank") at step \(position.optimizerSteps); resume with --resume \(checkpointer.stateDirectory.path)")

@@ -133,8 +133,8 @@ public struct StepMetrics: Sendable, Codable, Equatable {
         return decoder
     }
 
-    /// Reads a metrics JSONL file back (blank lines and the run-start marker lines skipped); an unreadable line is an
-    /// error naming its number.
+    /// Reads a metrics JSONL file back (blank lines, the run-start marker lines and the sample-image lines skipped); an
+    /// unreadable line is an error naming its number.
     public static func readJSONL(_ url: URL) throws -> [StepMetrics] {
         let text: String
         do { text = try String(contentsOf: url, encoding: .utf8) } catch {
@@ -143,7 +143,7 @@ public struct StepMetrics: Sendable, Codable, Equatable {
         let decoder = jsonDecoder()
         var out: [StepMetrics] = []
         for (index, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated()
-        where !line.isEmpty && !line.contains("\"run_start\"") {
+        where !line.isEmpty && !line.contains("\"run_start\"") && !line.contains("\"samples_at_step\"") {
             do { out.append(try decoder.decode(StepMetrics.self, from: Data(line.utf8))) } catch {
                 throw MetricsError("\(url.path) line \(index + 1) is not a step-metrics record: \(error)")
             }
@@ -246,6 +246,25 @@ public final class MetricsWriter {
             }
         }
         try tensorBoard?.add(scalars: m.scalars, step: m.step, wallTime: wallTime)
+    }
+
+    /// One round of sample images: a JSONL line {"samples_at_step", "epoch" (when at an epoch's end), "images",
+    /// "sample_seconds", "files"} (no "step" key: readers of step lines skip it) and, in TensorBoard, each image as an
+    /// image summary (tag "sample_<prompt index>").
+    public func writeSamples(step: Int, epoch: Int?, seconds: Double, files: [String],
+                             images: [(tag: String, png: [UInt8], width: Int, height: Int)]) throws {
+        let wallTime = clock()
+        if let jsonl, let jsonlURL {
+            var o: [String: Any] = ["samples_at_step": step, "images": images.count, "sample_seconds": seconds, "files": files,
+                                    "wall_time": wallTime]
+            if let epoch { o["epoch"] = epoch }
+            var line = try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys, .withoutEscapingSlashes])
+            line.append(UInt8(ascii: "\n"))
+            do { try jsonl.write(contentsOf: line) } catch {
+                throw MetricsError("cannot write the metrics file \(jsonlURL.path): \(error.localizedDescription) (disk full?)")
+            }
+        }
+        try tensorBoard?.add(images: images, step: step, wallTime: wallTime)
     }
 
     public func close() {

@@ -245,12 +245,22 @@ public struct TrainingSummary: Sendable, Equatable {
     }
     /// Steps skipped because the loss or gradient was not finite.
     public var skippedSteps: Int
+    /// Sample images made during the run (all ranks), the time spent on them (not in `seconds`), and their folder.
+    public var sampling: Sampling?
+
+    public struct Sampling: Equatable, Sendable {
+        public var images: Int
+        public var seconds: Double
+        public var folder: String
+        public init(images: Int, seconds: Double, folder: String) { self.images = images; self.seconds = seconds; self.folder = folder }
+    }
 
     public init(
         filesWritten: [String], seconds: Double, images: Int, steps: Int, ranks: Int = 1,
         communicationSeconds: Double? = nil, overlapped: Overlap? = nil,
-        skippedSteps: Int = 0
+        skippedSteps: Int = 0, sampling: Sampling? = nil
     ) {
+        self.sampling = sampling
         self.overlapped = overlapped
         self.filesWritten = filesWritten
         self.seconds = seconds
@@ -288,6 +298,9 @@ public struct TrainingSummary: Sendable, Equatable {
                                o.steps, o.steps == 1 ? "" : "s", max(0, 100 * (1 - o.exposedSeconds / o.communicationSeconds)))
             }
             out.append(line)
+        }
+        if let s = sampling, s.images > 0 {
+            out.append("sample images: \(s.images) in " + TrainingProgress.formatInterval(s.seconds) + " (not in the training time above) → \(s.folder)")
         }
         if filesWritten.isEmpty {
             out.append("wrote no files")

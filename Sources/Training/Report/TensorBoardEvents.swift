@@ -47,6 +47,26 @@ public enum TensorBoardEvent {
         return event
     }
 
+    /// One image as `SummaryWriter.add_image` writes it: Summary.Value { tag = 1, image = 4 } with Summary.Image
+    /// { height = 1, width = 2, colorspace = 3 (3: RGB), encoded_image_string = 4 (the PNG file's bytes) }.
+    public static func image(tag: String, png: [UInt8], width: Int, height: Int, step: Int, wallTime: Double) -> [UInt8] {
+        var image: [UInt8] = []
+        for (field, value) in [(1, height), (2, width), (3, 3)] {
+            image.append(UInt8(field << 3))            // wire type 0 (varint)
+            appendVarint(&image, UInt64(value))
+        }
+        appendBytesField(&image, field: 4, png)
+        var summaryValue: [UInt8] = []
+        appendBytesField(&summaryValue, field: 1, Array(tag.utf8))
+        appendBytesField(&summaryValue, field: 4, image)
+        var summary: [UInt8] = []
+        appendBytesField(&summary, field: 1, summaryValue)
+        var event: [UInt8] = []
+        appendWallTimeAndStep(&event, wallTime: wallTime, step: step)
+        appendBytesField(&event, field: 5, summary)
+        return event
+    }
+
     /// TFRecord framing of one serialized event.
     public static func record(_ data: [UInt8]) -> [UInt8] {
         var out: [UInt8] = []
@@ -159,6 +179,16 @@ public final class TensorBoardEventWriter {
         var bytes: [UInt8] = []
         for (tag, value) in scalars {
             bytes += TensorBoardEvent.record(TensorBoardEvent.scalar(tag: tag, value: value, step: step, wallTime: wallTime))
+        }
+        try write(bytes)
+    }
+
+    /// Images (PNG bytes) at `step`.
+    public func add(images: [(tag: String, png: [UInt8], width: Int, height: Int)], step: Int, wallTime: Double) throws {
+        var bytes: [UInt8] = []
+        for i in images {
+            bytes += TensorBoardEvent.record(TensorBoardEvent.image(tag: i.tag, png: i.png, width: i.width, height: i.height,
+                                                                    step: step, wallTime: wallTime))
         }
         try write(bytes)
     }

@@ -84,6 +84,8 @@ public final class ImageGenerator {
     /// 75-token windows per prompt: nil = as many as the longer of prompt and negative prompt needs (up to 3);
     /// training-time sampling fixes it from max_token_length as kohya does.
     public var promptWindows: Int?
+    /// The kernels the VAE decodes with (kohya's no_half_vae: fp32 while the rest runs in bf16); nil: the current ones.
+    public var vaeFamily: KernelFamily?
 
     public init(unet: UNet, vae: VAE, textL: CLIPTextEncoderL, textG: OpenCLIPTextEncoderG, sizeEmbedDim: Int,
                 prediction: PredictionType = .epsilon, zeroTerminalSNR: Bool = false, spacing: TimestepSpacing = .leading,
@@ -182,7 +184,10 @@ public final class ImageGenerator {
         let unetSeconds = Date().timeIntervalSince(unetStart)
 
         let z = Tensor(shape: shape, latents.map { $0 / vae.config.scalingFactor })
+        let family = Kernels.family
+        if let vaeFamily { Kernels.use(vaeFamily) }
         let image = vae.decode(Tape(recording: false), Var(z)).value     // [1, 3, H, W] in about [−1, 1]
+        Kernels.use(family)
         let rgb = ImageGenerator.toRGB(image)
         return GeneratedImage(request: r, latents: Tensor(shape: shape, latents), rgb: rgb,
                               seconds: Date().timeIntervalSince(start), unetSeconds: unetSeconds, truncated: truncated)

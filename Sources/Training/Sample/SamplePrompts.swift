@@ -71,6 +71,20 @@ public struct SamplePrompt: Equatable, Sendable {
     /// `#` skipped; `.toml` — `[prompt]` defaults merged into each `[[prompt.subset]]`; `.json` — a list of strings
     /// (parsed as lines) or objects with kohya's keys (prompt, negative_prompt, width, height, seed, sample_steps,
     /// scale, sample_sampler, controlnet_image). Entries are numbered in file order.
+    /// `builtin:demo`: the demo config's two prompts (captions of the built-in shapes dataset at the tiny model's 128²).
+    public static let builtinDemo = """
+        demo_trigger, red circle, blue background --w 128 --h 128 --d 1 --s 20 --l 5 --ss euler_a
+        demo_trigger, yellow star, green background --n blurry --w 128 --h 128 --d 2 --s 20 --l 5 --ss dpm++_2m_karras
+        """
+
+    /// `load` of a path, or of `builtin:demo`.
+    public static func load(path: String) throws -> [SamplePrompt] {
+        if path == "builtin:demo" {
+            return builtinDemo.split(separator: "\n").enumerated().map { parseLine(String($1), index: $0) }
+        }
+        return try load(URL(fileURLWithPath: path))
+    }
+
     public static func load(_ url: URL) throws -> [SamplePrompt] {
         let path = url.path
         guard let data = FileManager.default.contents(atPath: path) else {
