@@ -50,6 +50,9 @@ struct GenerateCommand: ParsableCommand {
     func validate() throws {
         if prompt.isEmpty && prompts == nil { throw ValidationError("give --prompt TEXT (repeatable) or --prompts FILE") }
         if batch < 1 { throw ValidationError("--batch must be at least 1 (got \(batch))") }
+        for (name, v) in [("--width", width), ("--height", height)] where v % 8 != 0 || v < 64 {
+            throw ValidationError("\(name) \(v): use a multiple of 8, at least 64 (e.g. 1024, 832, 1216)")
+        }
         if let p = precision, !["fp32", "bf16"].contains(p) { throw ValidationError("--precision must be fp32 or bf16 (got '\(p)')") }
         if TimestepSpacing(rawValue: timestepSpacing) == nil { throw ValidationError("--timestep-spacing must be leading or trailing (got '\(timestepSpacing)')") }
         do { _ = try SamplerChoice(parsing: sampler) } catch { throw ValidationError("--sampler: \(error)") }
@@ -73,7 +76,7 @@ struct GenerateCommand: ParsableCommand {
         do {
             loras = try lora.map(Self.parseLoRA)
             for l in loras where !FileManager.default.fileExists(atPath: l.path) {
-                throw SamplerError("--lora \(l.path): no such file")
+                throw SamplerError("--lora \(l.path): no such file (a multiplier goes after a colon: --lora FILE:0.8)")
             }
             ckpt = try SDXLCheckpoint(path: model)
             guard ckpt.vaeConfig != nil, ckpt.textLConfig != nil, ckpt.textGConfig != nil else {
@@ -85,7 +88,11 @@ struct GenerateCommand: ParsableCommand {
             if let prompts { list += try SamplePrompt.load(path: prompts) }
             let firstSeed = seed ?? UInt64.random(in: 0..<(1 << 32))
             jobs = try SamplePrompt.requests(list, defaults: defaults, imagesEach: batch, firstSeed: firstSeed)
-            for j in jobs { try j.validate(latentFactor: ckpt.vaeConfig!.downsamplingFactor) }
+            for j in jobs {
+                try j.validate(latentFactor: ckpt.vaeConfig!.downsamplingFactor)
+                _ = try PromptAttention.parse(j.prompt)
+                _ = try PromptAttention.parse(j.negativePrompt)
+            }
             if (noise != nil || latentsOut != nil) && jobs.count != 1 {
                 throw SamplerError("--noise and --latents-out work on one image; this run makes \(jobs.count)")
             }

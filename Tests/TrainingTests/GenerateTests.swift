@@ -93,3 +93,34 @@ final class GenerateTests: XCTestCase {
         }
     }
 }
+
+extension GenerateTests {
+    // Under mpirun each rank renders whole images (image j on rank j mod N): the same files, bit for bit, as one rank on
+    // one thread makes (each rank of np 2 runs one thread here), from a kohya prompts file.
+    func testTwoRanksRenderTheSameImagesAsOne() throws {
+        let model = work.appendingPathComponent("tiny.safetensors").path
+        let made = try TestProcesses.run(try TestProcesses.executable("lora-dist"),
+                                         ["make-model", "--preset", "tiny", "--dtype", "fp32", "--seed", "2", "--out", model])
+        XCTAssertEqual(made.status, 0, made.output)
+        let prompts = work.appendingPathComponent("p.txt")
+        try "a (red:1.2) fox --w 64 --h 64 --d 3 --s 3\n# comment\na blue bird --n blurry --w 96 --h 64 --s 2 --ss ddim\na cat --s 2 --ss dpm++_2m\n"
+            .write(to: prompts, atomically: true, encoding: .utf8)
+        func render(_ name: String, ranks: Int?) throws -> [String: Data] {
+            let out = work.appendingPathComponent(name).path
+            var args = ["generate", "--model", model, "--prompts", prompts.path, "--seed", "40", "--width", "64", "--height", "64",
+                        "--precision", "fp32", "--out", out]
+            if ranks == nil { args += ["--threads", "1"] }
+            let r = try TestProcesses.run(try TestProcesses.executable("lora-dist"), args, ranks: ranks)
+            XCTAssertEqual(r.status, 0, r.output)
+            XCTAssertTrue(r.output.contains("done: 3 images in"), r.output)
+            var files: [String: Data] = [:]
+            for f in try FileManager.default.contentsOfDirectory(atPath: out) { files[f] = try Data(contentsOf: URL(fileURLWithPath: out + "/" + f)) }
+            return files
+        }
+        let one = try render("np1", ranks: nil)
+        let two = try render("np2", ranks: 2)
+        // --d 3 keeps its seed; the others take --seed 40 plus their position.
+        XCTAssertEqual(Set(one.keys), ["00000-3.png", "00001-41.png", "00002-42.png"])
+        XCTAssertEqual(one, two)
+    }
+}

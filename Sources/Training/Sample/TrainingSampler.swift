@@ -61,7 +61,11 @@ final class TrainingSampler {
         let requests: [GenerationRequest]
         do {
             requests = try prompts.map { p in try p.request(defaults: defaults, seed: seed &+ UInt64(p.index)) }
-            for r in requests { try r.validate() }
+            for r in requests {
+                try r.validate()
+                _ = try PromptAttention.parse(r.prompt)
+                _ = try PromptAttention.parse(r.negativePrompt)
+            }
         } catch {
             throw TrainingConfigError(file: config.sourceFile, key: "sample_prompts", "\(path): \(error)")
         }
