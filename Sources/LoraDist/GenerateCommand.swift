@@ -168,7 +168,12 @@ struct GenerateCommand: ParsableCommand {
                 if let latentsOut { try writeSafeTensors(["latents": image.latents], metadata: [:], to: latentsOut) }
                 if image.truncated { print("warning: image \(j + 1): the prompt or negative prompt is longer than 225 tokens; the rest was dropped") }
                 total += image.seconds
-                print("wrote \(path) (\(String(format: "%.1f", image.seconds)) s, \(String(format: "%.2f", image.unetSeconds / Double(r.steps))) s/it)")
+                let steps = image.stepSeconds.sorted()
+                print("wrote \(path) (" + String(format: "%.1f s: text %.2f s, %d steps at %.2f s/it (median), decode %.2f s",
+                                                image.seconds, image.textSeconds, r.steps, steps[steps.count / 2], image.decodeSeconds) + ")")
+                if Self.benchTimings {   // bench/generate: every step's time
+                    print("timings: {\"steps\": [\(image.stepSeconds.map { String(format: "%.4f", $0) }.joined(separator: ", "))], \"text\": \(image.textSeconds), \"decode\": \(image.decodeSeconds), \"total\": \(image.seconds)}")
+                }
             }
             try comm.barrier()
             if comm.rank == 0 { print("done: \(jobs.count) image\(jobs.count == 1 ? "" : "s") in \(out)") }
@@ -179,6 +184,9 @@ struct GenerateCommand: ParsableCommand {
         }
         try comm.finalize()
     }
+
+    /// LORA_DIST_BENCH_TIMINGS=1: a JSON line of per-step seconds after each image (bench/generate).
+    static let benchTimings = ProcessInfo.processInfo.environment["LORA_DIST_BENCH_TIMINGS"] == "1"
 
     /// One past the largest NNNNN of the folder's `NNNNN-*.png` files (0 for none), as A1111 numbers its outputs.
     static func firstFreeNumber(in folder: String) -> Int {

@@ -442,10 +442,10 @@ extension TrainCommandTests {
             # kohya syntax: a comment, a blank line, options
             demo_trigger, red square --w 64 --h 64 --d 5 --s 4 --l 5
 
-            a (blue:1.3) square --n blurry --w 64 --h 96 --s 3 --ss euler_a
+            [trigger], a (blue:1.3) square --n blurry --w 64 --h 96 --s 3 --ss euler_a
             [green] circle --w 64 --h 64 --s 3 --ss dpm++_2m_karras
             """.write(to: prompts, atomically: true, encoding: .utf8)
-        let plain = try run(["train", try config("plain", images: images, batch: 1, steps: 4, unetOnly: false)], ranks: 2)
+        let plain = try run(["train", try config("plain", images: images, batch: 1, steps: 4, lora: "trigger = \"zxc\"", unetOnly: false)], ranks: 2)
         XCTAssertEqual(plain.status, 0, plain.output)
         let sampling = """
             sample_prompts = "\(prompts.path)"
@@ -453,7 +453,8 @@ extension TrainCommandTests {
             sample_at_first = true
             log_with = "tensorboard"
             """
-        let sampled = try run(["train", try config("sampled", images: images, batch: 1, steps: 4, extra: sampling, unetOnly: false)], ranks: 2)
+        let sampled = try run(["train", try config("sampled", images: images, batch: 1, steps: 4, extra: sampling, lora: "trigger = \"zxc\"",
+                                                   unetOnly: false)], ranks: 2)
         XCTAssertEqual(sampled.status, 0, sampled.output)
         XCTAssertEqual(try loraTensors(work.appendingPathComponent("plain/t.safetensors").path),
                        try loraTensors(work.appendingPathComponent("sampled/t.safetensors").path), "sampling changed the LoRA")
@@ -472,7 +473,8 @@ extension TrainCommandTests {
         let size = try ImageIO.size(of: folder.appendingPathComponent(wide).path)
         XCTAssertEqual([size.width, size.height], [64, 96])
         let text = try ImageIO.pngText(folder.appendingPathComponent(wide).path, key: "parameters") ?? ""
-        XCTAssertTrue(text.hasPrefix("a (blue:1.3) square\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, CFG scale: 7.5,"), text)
+        // [trigger] is [lora_dist] trigger, as AI Toolkit fills it in sample prompts.
+        XCTAssertTrue(text.hasPrefix("zxc, a (blue:1.3) square\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, CFG scale: 7.5,"), text)
         XCTAssertTrue(text.contains("Size: 64x96") && text.contains("Step: 4"), text)
 
         let lines = try String(contentsOf: work.appendingPathComponent("sampled/t-metrics.jsonl"), encoding: .utf8)

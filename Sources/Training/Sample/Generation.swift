@@ -51,8 +51,12 @@ public struct GeneratedImage: Sendable {
     public let request: GenerationRequest
     public let latents: Tensor              // [1, 4, h, w]
     public let rgb: [UInt8]                 // [H, W, 3]
-    public let seconds: Double              // UNet steps + decode
+    public let seconds: Double              // text encoding + UNet steps + decode
     public let unetSeconds: Double
+    /// Each sampling step's seconds (UNet evaluation(s) + sampler update).
+    public let stepSeconds: [Double]
+    public let textSeconds: Double
+    public let decodeSeconds: Double
     /// The prompt or negative prompt had more tokens than the windows hold (the rest was dropped).
     public let truncated: Bool
 }
@@ -145,7 +149,9 @@ public final class ImageGenerator {
         }
         latents = latents.map { $0 * sampler.initNoiseSigma }
 
+        let textStart = Date()
         let (context, pooled, truncated) = try encode(negative: r.negativePrompt, positive: r.prompt)
+        let textSeconds = Date().timeIntervalSince(textStart)
         let guided = r.cfgScale > 1
         let rows = guided ? 2 : 1
         // diffusers runs no unconditional half when guidance_scale ≤ 1 (do_classifier_free_guidance).
@@ -157,7 +163,9 @@ public final class ImageGenerator {
                                targetSize: sizes, embedDim: sizeEmbedDim).value
 
         let unetStart = Date()
+        var stepSeconds: [Double] = []
         for i in 0..<r.steps {
+            let stepStart = Date()
             let input = sampler.scaleInput(latents, step: i)
             let x = Tensor(shape: [rows] + shape.dropFirst(), Array([[Float]](repeating: input, count: rows).joined()))
             let ts = Tensor(shape: [rows], [Float](repeating: sampler.timesteps[i], count: rows))
@@ -179,18 +187,22 @@ public final class ImageGenerator {
                 }
             }
             latents = sampler.step(guidedOut, step: i, sample: latents, noise: draw)
+            stepSeconds.append(Date().timeIntervalSince(stepStart))
             progress?(i + 1, r.steps)
         }
         let unetSeconds = Date().timeIntervalSince(unetStart)
 
+        let decodeStart = Date()
         let z = Tensor(shape: shape, latents.map { $0 / vae.config.scalingFactor })
         let family = Kernels.family
         if let vaeFamily { Kernels.use(vaeFamily) }
         let image = vae.decode(Tape(recording: false), Var(z)).value     // [1, 3, H, W] in about [−1, 1]
         Kernels.use(family)
         let rgb = ImageGenerator.toRGB(image)
+        let decodeSeconds = Date().timeIntervalSince(decodeStart)
         return GeneratedImage(request: r, latents: Tensor(shape: shape, latents), rgb: rgb,
-                              seconds: Date().timeIntervalSince(start), unetSeconds: unetSeconds, truncated: truncated)
+                              seconds: Date().timeIntervalSince(start), unetSeconds: unetSeconds, stepSeconds: stepSeconds,
+                              textSeconds: textSeconds, decodeSeconds: decodeSeconds, truncated: truncated)
     }
 
     /// diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), then numpy_to_pil's (x · 255).round() → uint8, CHW → HWC.

@@ -12,7 +12,8 @@ import Tensor
 ///   `sample_every_n_epochs` divides e. (kohya: setting the epoch cadence switches the step cadence off.)
 /// - What: every entry of `sample_prompts` (.txt/.toml/.json, kohya's syntax), with kohya's defaults for what an entry
 ///   leaves out (512×512, 30 steps, CFG 7.5, `sample_sampler`), the run's `max_token_length` windows and prompt
-///   weighting, v-prediction / zero-terminal SNR from the config, the LoRA as it stands (dropout off).
+///   weighting, v-prediction / zero-terminal SNR from the config, the LoRA as it stands (dropout off); `[trigger]`
+///   (and `[name]`) replaced by `[lora_dist] trigger` as AI Toolkit does.
 /// - Where: `<output_dir>/sample/<output_name>_<step:06d | e<epoch:06d>>_<index:02d>_<yyyyMMddHHmmss>_<seed>.png` — kohya's
 ///   names; the seed is always there because every sample has one: a prompt without `--d` takes the run's seed plus
 ///   its index (kohya draws a random one), so the same prompt is rendered from the same noise at every round and
@@ -53,9 +54,17 @@ final class TrainingSampler {
         do { sampler = try SamplerChoice(parsing: config.sampleSampler) } catch {
             throw TrainingConfigError(file: config.sourceFile, key: "sample_sampler", "\(error)")
         }
-        let prompts: [SamplePrompt]
+        var prompts: [SamplePrompt]
         do { prompts = try SamplePrompt.load(path: path) } catch {
             throw TrainingConfigError(file: config.sourceFile, key: "sample_prompts", "\(error)")
+        }
+        if let trigger = config.lora.trigger {
+            // AI Toolkit's sample prompts: `[trigger]` (and `[name]`, as in captions) stand for the trigger word.
+            func fill(_ s: String) -> String { s.replacingOccurrences(of: "[trigger]", with: trigger).replacingOccurrences(of: "[name]", with: trigger) }
+            for i in prompts.indices {
+                prompts[i].prompt = fill(prompts[i].prompt)
+                prompts[i].negativePrompt = prompts[i].negativePrompt.map(fill)
+            }
         }
         let defaults = SamplePromptDefaults.kohya(sampler: sampler)
         let requests: [GenerationRequest]
