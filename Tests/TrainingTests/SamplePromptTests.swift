@@ -157,3 +157,36 @@ extension SamplePromptTests {
         }
     }
 }
+
+extension SamplePromptTests {
+    /// kohya's sample_images_common conditions (train_util.py, see TrainingSampler.due): steps == 0 only with
+    /// sample_at_first; the epoch cadence switches the step cadence off; the step cadence samples after steps, never at
+    /// an epoch's end.
+    func testCadenceIsKohyas() throws {
+        func sampler(_ edit: (inout TrainingConfig) -> Void) throws -> TrainingSampler? {
+            var c = TrainingConfig()
+            c.samplePrompts = "builtin:demo"
+            edit(&c)
+            return try TrainingSampler.make(config: c, seed: 1, outputDirectory: URL(fileURLWithPath: "/nonexistent")) {
+                throw TrainingError("not rendered in this test")
+            }
+        }
+        XCTAssertNil(try sampler { _ in }, "no cadence: no sampling")
+        let steps = try XCTUnwrap(try sampler { $0.sampleEveryNSteps = 3 })
+        XCTAssertEqual([0, 3, 4, 6].map { steps.due(steps: $0, epoch: nil) }, [false, true, false, true])
+        XCTAssertFalse(steps.due(steps: 6, epoch: 2), "the step cadence does not sample at an epoch's end")
+        XCTAssertFalse(steps.due(steps: 0, epoch: 0))
+        let epochs = try XCTUnwrap(try sampler { $0.sampleEveryNSteps = 3; $0.sampleEveryNEpochs = 2 })
+        XCTAssertFalse(epochs.due(steps: 3, epoch: nil), "sample_every_n_epochs switches the step cadence off")
+        XCTAssertEqual([1, 2, 3, 4].map { epochs.due(steps: 10 * $0, epoch: $0) }, [false, true, false, true])
+        let first = try XCTUnwrap(try sampler { $0.sampleAtFirst = true })
+        XCTAssertTrue(first.due(steps: 0, epoch: 0))
+        XCTAssertFalse(first.due(steps: 5, epoch: nil))
+        // Seeds: --d as given; the others the run's seed plus their index. builtin:demo sets --d 1 and --d 2.
+        XCTAssertEqual(first.requests.map(\.seed), [1, 2])
+        XCTAssertEqual(first.requests.map { [$0.width, $0.height, $0.steps] }, [[128, 128, 20], [128, 128, 20]])
+        XCTAssertThrowsError(try sampler { $0.sampleAtFirst = true; $0.samplePrompts = nil }) {
+            XCTAssertTrue("\($0)".contains("sample_prompts"), "\($0)")
+        }
+    }
+}

@@ -21,12 +21,14 @@ What it does:
  3. Runs the pipeline for each case below (scheduler: Class.from_config(SDXL's scheduler config), see
     make_samplers.py), with `generator=torch.Generator().manual_seed(seed)` (the initial latents and Euler a's
     per-step noise both come from it), or with `latents=` given (case "given_noise"), output_type="latent"; the
-    LoRA through pipe.load_lora_weights + set_adapters(weight) (UNet and both text encoders). The final latents
+    LoRA through pipe.load_lora_weights + set_adapters(weight) (UNet and both text encoders); case "euler_a_given" also
+    takes every step's noise from the file (the scheduler module's randn_tensor replaced); "vpred_zsnr" overrides
+    prediction_type / rescale_betas_zero_snr / timestep_spacing in the scheduler config. The final latents
     are then decoded as the pipeline does (vae.decode(latents / scaling_factor), (x / 2 + 0.5).clamp(0, 1),
     (x · 255).round()).
 
 Writes pipeline.safetensors: for case k, "k.latents" [1, 4, h, w] and "k.image" [H, W, 3] (uint8 values as F32);
-"given_noise.noise" for the case that takes its noise from a file; metadata "cases" (JSON list of the settings) and
+"<case>.noise" (and "<case>.step_noise" [steps, 4, h, w]) for the cases that take their noise from a file; metadata "cases" (JSON list of the settings) and
 "model_sha256".
 """
 
@@ -53,6 +55,7 @@ import make_tokens  # noqa: E402
 import make_unet  # noqa: E402
 import make_vae  # noqa: E402
 from make_samplers import SDXL_SCHEDULER  # noqa: E402
+import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module  # noqa: E402
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_L, CLIP_G = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
@@ -77,6 +80,13 @@ CASES = [
          width=64, height=64, steps=4, cfg=1.0, seed=15, lora=None),
     dict(name="given_noise", sampler="dpm++_2m", prompt="a cat", negative="dog", width=64, height=64, steps=5,
          cfg=4.0, seed=16, lora=None, given_noise=True),
+    # Euler a with the initial and every step's noise from the file (`--noise` with `step_noise`).
+    dict(name="euler_a_given", sampler="euler_a", prompt="a cat", negative="dog", width=64, height=64, steps=4,
+         cfg=4.0, seed=17, lora=0.5, given_noise=True),
+    # A v-prediction, zero-terminal-SNR model sampled as NoobAI V-Pred's card says (diffusers: prediction_type
+    # v_prediction, rescale_betas_zero_snr; trailing spacing so the first step is at t = 999).
+    dict(name="vpred_zsnr", sampler="euler", prompt="a lighthouse at dusk", negative="lowres", width=64, height=64,
+         steps=5, cfg=5.0, seed=18, lora=None, prediction="v_prediction", zsnr=True, spacing="trailing"),
 ]
 
 
@@ -158,6 +168,13 @@ def main():
     out, settings = {}, []
     for case in CASES:
         cls, extra = SCHEDULERS[case["sampler"]]
+        extra = dict(extra)
+        if case.get("prediction"):
+            extra["prediction_type"] = case["prediction"]
+        if case.get("zsnr"):
+            extra["rescale_betas_zero_snr"] = True
+        if case.get("spacing"):
+            extra["timestep_spacing"] = case["spacing"]
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
                                          unet=unet, scheduler=cls.from_config(SDXL_SCHEDULER, **extra))
         pipe.set_progress_bar_config(disable=True)
@@ -169,14 +186,27 @@ def main():
             assert landed == modules, (landed, modules)
         kwargs = dict(prompt=case["prompt"], negative_prompt=case["negative"], width=case["width"], height=case["height"],
                       num_inference_steps=case["steps"], guidance_scale=case["cfg"], output_type="latent")
+        pending = []
         if case.get("given_noise"):
-            noise = torch.randn(1, 4, case["height"] // 8, case["width"] // 8, generator=torch.Generator().manual_seed(999))
+            g = torch.Generator().manual_seed(999 + case["seed"])
+            shape = (1, 4, case["height"] // 8, case["width"] // 8)
+            noise = torch.randn(shape, generator=g)
             out[case["name"] + ".noise"] = noise
             kwargs["latents"] = noise.clone()
+            if case["sampler"] == "euler_a":
+                steps = [torch.randn(shape, generator=g) for _ in range(case["steps"])]
+                out[case["name"] + ".step_noise"] = torch.cat(steps)
+                pending = list(steps)
         else:
             kwargs["generator"] = torch.Generator().manual_seed(case["seed"])
-        with torch.no_grad():
-            latents = pipe(**kwargs).images
+        original = euler_a_module.randn_tensor
+        if pending:
+            euler_a_module.randn_tensor = lambda shape, **kw: pending.pop(0)
+        try:
+            with torch.no_grad():
+                latents = pipe(**kwargs).images
+        finally:
+            euler_a_module.randn_tensor = original
             image = vae.decode(latents / vae.config.scaling_factor).sample
         image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)[0]
         out[case["name"] + ".latents"] = latents.contiguous()
