@@ -190,3 +190,28 @@ extension SamplePromptTests {
         }
     }
 }
+
+extension SamplePromptTests {
+    /// TensorBoardEvent.image against tensorboard's own protobuf serialisation of the same Event
+    /// (Tests/Fixtures/sampling/tfevents_image.json, make_tfevents_image.py).
+    func testTensorBoardImageEventIsTensorBoards() throws {
+        struct Case: Decodable { let tag: String; let width, height, step: Int; let wall_time: Double; let png_hex, event_hex: String }
+        struct File: Decodable { let cases: [Case] }
+        func bytes(_ hex: String) -> [UInt8] {
+            var out: [UInt8] = []
+            var i = hex.startIndex
+            while i < hex.endIndex {
+                let j = hex.index(i, offsetBy: 2)
+                out.append(UInt8(hex[i..<j], radix: 16)!)
+                i = j
+            }
+            return out
+        }
+        let file = try JSONDecoder().decode(File.self, from: Data(contentsOf: Self.folder.appendingPathComponent("tfevents_image.json")))
+        XCTAssertEqual(file.cases.count, 3)
+        for c in file.cases {
+            XCTAssertEqual(TensorBoardEvent.image(tag: c.tag, png: bytes(c.png_hex), width: c.width, height: c.height, step: c.step,
+                                                  wallTime: c.wall_time), bytes(c.event_hex), c.tag)
+        }
+    }
+}

@@ -39,12 +39,7 @@ public enum TensorBoardEvent {
         // simple_value sits in a oneof, so it is written even when 0.
         summaryValue.append(2 << 3 | 5)  // field 2, wire type 5 (fixed32)
         appendLittleEndian(&summaryValue, Float(value).bitPattern)
-        var summary: [UInt8] = []
-        appendBytesField(&summary, field: 1, summaryValue)
-        var event: [UInt8] = []
-        appendWallTimeAndStep(&event, wallTime: wallTime, step: step)
-        appendBytesField(&event, field: 5, summary)
-        return event
+        return summaryEvent(summaryValue, step: step, wallTime: wallTime)
     }
 
     /// One image as `SummaryWriter.add_image` writes it: Summary.Value { tag = 1, image = 4 } with Summary.Image
@@ -55,10 +50,15 @@ public enum TensorBoardEvent {
             image.append(UInt8(field << 3))            // wire type 0 (varint)
             appendVarint(&image, UInt64(value))
         }
-        appendBytesField(&image, field: 4, png)
+        if !png.isEmpty { appendBytesField(&image, field: 4, png) }   // proto3 omits an empty bytes field
         var summaryValue: [UInt8] = []
         appendBytesField(&summaryValue, field: 1, Array(tag.utf8))
         appendBytesField(&summaryValue, field: 4, image)
+        return summaryEvent(summaryValue, step: step, wallTime: wallTime)
+    }
+
+    /// An event (wall_time, step) holding a summary of one Summary.Value.
+    static func summaryEvent(_ summaryValue: [UInt8], step: Int, wallTime: Double) -> [UInt8] {
         var summary: [UInt8] = []
         appendBytesField(&summary, field: 1, summaryValue)
         var event: [UInt8] = []
