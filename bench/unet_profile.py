@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Where the time of one lora-dist UNet step goes: perf samples of the main thread, by op kind and phase.
 
-    python3 bench/unet_profile.py --model bench/out/sdxl_unet_bf16.safetensors [--latent 64] [--checkpointing]
+    python3 bench/unet_profile.py --model bench/out/sdxl_unet_bf16.safetensors [--latent 64] [--checkpointing] [--mode forward]
                                   [--freq 97] [--out bench/out/unet_profile.md]
 
-Runs `lora-dist-unet-bench --mode backward --warmup 1 --steps 1` under
+Runs `lora-dist-unet-bench --mode backward (or forward) --warmup 1 --steps 1` under
 `perf record -k CLOCK_MONOTONIC --call-graph dwarf` and keeps the main thread's samples inside the timed
 step (the bench reports each step's [start, forward end, backward end] on the same clock). The main
 thread runs every op and takes part in every parallel loop and OpenBLAS call, so its samples divide the
@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--model", default=os.path.join(HERE, "out", "sdxl_unet_bf16.safetensors"))
     ap.add_argument("--latent", type=int, default=64)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--mode", choices=["backward", "forward"], default="backward",
+                    help="forward: one inference forward (what each image-generation step runs)")
     ap.add_argument("--bf16", action="store_true", help="the bf16 kernel family (lora-dist-unet-bench --bf16)")
     ap.add_argument("--freq", type=int, default=97)
     ap.add_argument("--threads", type=int, default=2)
@@ -79,7 +81,7 @@ def main():
     a = ap.parse_args()
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     data = os.path.join(HERE, "out", "unet_profile.perf.data")
-    cmd = [BIN, "--model", a.model, "--latent", str(a.latent), "--mode", "backward", "--warmup", "1",
+    cmd = [BIN, "--model", a.model, "--latent", str(a.latent), "--mode", a.mode, "--warmup", "1",
            "--steps", "1", "--threads", str(a.threads)] + (["--checkpointing"] if a.checkpointing else []) + (
            ["--bf16"] if a.bf16 else [])
     saved = os.path.join(HERE, "out", "unet_profile.json")
@@ -134,7 +136,7 @@ def main():
     ops = sorted({k[1] for k in cells}, key=lambda o: -sum(v for k, v in cells.items() if k[1] == o))
     leaves = [n for n, _ in LEAVES] + ["op's own loops"]
     L = []
-    L.append(f"Profile of one lora-dist {'bf16 ' if a.bf16 else ''}UNet forward + input-gradient backward, latent {a.latent}×{a.latent}"
+    L.append(f"Profile of one lora-dist {'bf16 ' if a.bf16 else ''}UNet forward{' + input-gradient backward' if a.mode == 'backward' else ' (inference)'}, latent {a.latent}×{a.latent}"
              f"{' with checkpointing' if a.checkpointing else ''} (perf, {a.freq} Hz, main thread, timed step only): "
              f"forward {wall['forward']:.2f} s, backward {wall['backward']:.2f} s; "
              f"sampled {sampled['forward']:.2f} / {sampled['backward']:.2f} s (the rest: main thread blocked). "

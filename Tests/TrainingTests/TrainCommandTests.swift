@@ -509,5 +509,12 @@ extension TrainCommandTests {
                                                extra: "sample_every_n_steps = 0\nsample_prompts = \"\(prompts.path)\"\nsample_sampler = \"ddim\"")])
         XCTAssertEqual(off.status, 0, off.output)
         XCTAssertFalse(FileManager.default.fileExists(atPath: work.appendingPathComponent("off/sample").path))
+        // The epoch cadence: 2 images at batch 1 are 2 steps an epoch; 3 steps end epoch 1 and, early, epoch 2 —
+        // kohya samples at both ends.
+        let epochs = try run(["train", try config("epochs", images: images, batch: 1, steps: 3,
+                                                  extra: "sample_every_n_epochs = 1\nsample_prompts = \"\(prompts.path)\"")])
+        XCTAssertEqual(epochs.status, 0, epochs.output)
+        let names = try FileManager.default.contentsOfDirectory(atPath: work.appendingPathComponent("epochs/sample").path)
+        XCTAssertEqual(Set(names.map { String($0.prefix(10)) }), ["t_e000001_", "t_e000002_"], "\(names)")
     }
 }

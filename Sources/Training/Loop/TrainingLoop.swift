@@ -141,6 +141,13 @@ final class TrainingLoop {
                 }
             }
         }
+        // kohya samples at the end of the last epoch even when max_train_steps ends it early (its epoch loop runs the
+        // end-of-epoch block after the step loop's break).
+        if outcome == .finished, position.nextStep > 0, let sampler = stages.sampler,
+           sampler.due(steps: position.optimizerSteps, epoch: position.epoch + 1) {
+            try sampler.sample(steps: position.optimizerSteps, epoch: position.epoch + 1, network: network, communicator: communicator,
+                               metrics: metrics, say: { line in progress?.note(line) ?? say(line) })
+        }
         stop?.finishing()
         communicator.waitingFor = "the final save"
         progress?.finish()
