@@ -188,6 +188,10 @@ public final class ImageGenerator {
             }
             latents = sampler.step(guidedOut, step: i, sample: latents, noise: draw)
             stepSeconds.append(Date().timeIntervalSince(stepStart))
+            if ImageGenerator.benchCounters {   // bench: oneDNN's clocks of this step
+                let c = DNNL.takeCounters().filter { $0.calls > 0 }
+                print("step \(i + 1) oneDNN: " + c.map { String(format: "%@ %.2f s (%d calls)", $0.kind, $0.seconds, $0.calls) }.joined(separator: ", "))
+            }
             progress?(i + 1, r.steps)
         }
         let unetSeconds = Date().timeIntervalSince(unetStart)
@@ -204,6 +208,8 @@ public final class ImageGenerator {
                               seconds: Date().timeIntervalSince(start), unetSeconds: unetSeconds, stepSeconds: stepSeconds,
                               textSeconds: textSeconds, decodeSeconds: decodeSeconds, truncated: truncated)
     }
+
+    static let benchCounters = ProcessInfo.processInfo.environment["LORA_DIST_BENCH_COUNTERS"] == "1"
 
     /// diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), then numpy_to_pil's (x · 255).round() → uint8, CHW → HWC.
     static func toRGB(_ image: Tensor) -> [UInt8] {
