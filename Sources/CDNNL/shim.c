@@ -1,6 +1,9 @@
+#define _GNU_SOURCE
 #include "CDNNL.h"
 #include <oneapi/dnnl/dnnl.h>
 #include <dlfcn.h>
+#include <link.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -62,8 +65,38 @@ void lora_dnnl_stats(lora_dnnl_counter *out, int reset) {
     pthread_mutex_unlock(&lock);
 }
 
+// libgomp reads OMP_WAIT_POLICY once, in its own initializer, and libvips loads it at program start (libvips →
+// libimagequant → libgomp), before any code of ours runs: setting the variable in load() below came too late, and
+// oneDNN's threads spun after every call (GOMP's default: ~300k spins), taking the core the engine's own threads
+// needed next — ≈ 4 s of a 24 s bf16 1024² UNet forward (bench/RESULTS.md, "Generation"). An executable's
+// DT_PREINIT_ARRAY functions run before any library's initializer; setenv there does not last (libc's own
+// initializer, which runs next, resets the environment to the one the kernel passed), so when libgomp is already
+// loaded and the user has not chosen a policy, the process re-executes itself at once with OMP_WAIT_POLICY=PASSIVE
+// added (same pid, arguments and environment otherwise; nothing has been initialised yet, so nothing is lost).
+static int isLibgomp(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size; (void)data;
+    return info->dlpi_name && strstr(info->dlpi_name, "/libgomp.so") != NULL;
+}
+
+static void passiveWaitPolicy(int argc, char **argv, char **envp) {
+    (void)argc;
+    size_t n = 0;
+    for (; envp[n]; n++)
+        if (strncmp(envp[n], "OMP_WAIT_POLICY=", 16) == 0) return;   // the user's choice (or the re-executed process)
+    if (!dl_iterate_phdr(isLibgomp, NULL)) return;   // load() sets the variable before libgomp comes in
+    char **env = malloc((n + 2) * sizeof *env);
+    if (!env) return;
+    memcpy(env, envp, n * sizeof *env);
+    env[n] = "OMP_WAIT_POLICY=PASSIVE";
+    env[n + 1] = NULL;
+    execve("/proc/self/exe", argv, env);
+    free(env);   // exec failed (no /proc): run on with GOMP's default policy
+}
+__attribute__((section(".preinit_array"), used)) static void (*const preinitWaitPolicy)(int, char **, char **) =
+    passiveWaitPolicy;
+
 static void load(void) {
-    // libgomp reads these when it loads (as a dependency of libdnnl, just below).
+    // libgomp reads it when it loads (as a dependency of libdnnl, just below), unless it is loaded already (above).
     setenv("OMP_WAIT_POLICY", "PASSIVE", 0);
     void *lib = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_GLOBAL);
     if (!lib) lib = dlopen("libdnnl.so", RTLD_NOW | RTLD_GLOBAL);

@@ -33,8 +33,10 @@ public enum TestProcesses {
     /// Runs `executable args` (under `mpirun -np ranks --oversubscribe` when `ranks` is given) with this process's
     /// environment minus MPI launcher variables, plus Open MPI's run-as-root permission and `extra`. Output is stdout
     /// and stderr together. A run past `timeout` seconds is terminated (a hung rank fails the test, not the CI job).
-    /// `whileRunning(pid)` runs on another thread once the process has started.
+    /// `whileRunning(pid)` runs on another thread once the process has started. `unsetting` names variables of this
+    /// process's environment the child must not see.
     public static func run(_ executable: String, _ args: [String], ranks: Int? = nil, environment extra: [String: String] = [:],
+                           unsetting: [String] = [],
                            timeout: Double = 300, whileRunning: (@Sendable (Int32) -> Void)? = nil) throws -> (status: Int32, output: String) {
         let process = Process()
         if let ranks {
@@ -48,6 +50,7 @@ public enum TestProcesses {
         env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
         env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
         env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+        for k in unsetting { env[k] = nil }
         for (k, v) in extra { env[k] = v }
         process.environment = env
         let pipe = Pipe()

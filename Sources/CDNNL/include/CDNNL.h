@@ -1,10 +1,11 @@
 // Thin shim over oneDNN (Debian's libdnnl 2.6, GNU OpenMP inside) for the engine's bf16 kernels.
 //
-// The library is dlopen'ed on first use, like OpenBLAS: libgomp reads OMP_WAIT_POLICY once, when it loads, and
+// The library is dlopen'ed on first use, like OpenBLAS. libgomp reads OMP_WAIT_POLICY once, when it loads, and
 // its default (spin a while after every parallel region) would take the core that the engine's own threads
-// or OpenBLAS's need next; so the shim sets OMP_WAIT_POLICY=PASSIVE (unless the user set it) and only then
-// loads the library. Every call is serialised by one mutex and made from the engine's calling thread (never
-// from inside a parallel loop), so one OpenMP team serves all calls.
+// or OpenBLAS's need next; so the shim sets OMP_WAIT_POLICY=PASSIVE (unless the user set it) before libgomp
+// loads — at program start when libvips has brought libgomp in already (shim.c says how). Every call is
+// serialised by one mutex and made from the engine's calling thread (never from inside a parallel loop), so one
+// OpenMP team serves all calls.
 #ifndef LORA_CDNNL_H
 #define LORA_CDNNL_H
 
